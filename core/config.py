@@ -141,6 +141,7 @@ class LanguageModelConfig(_Section):
     qk_layernorm: bool = True  # TinyGPT-V: per-head LayerNorm on Q and K before RoPE
     post_attention_rmsnorm: bool = True  # TinyGPT-V: RMSNorm on the attention output before the residual sum
     rms_norm_eps: float = 1e-6
+    resid_pdrop: float = 0.1
     bos_token_id: int = 50256
     eos_token_id: int = 50256
 
@@ -171,6 +172,9 @@ class PromptConfig(_Section):
     template: str = "[INST] {} [/INST]"
     image_text: str = "<Img><ImageHere></Img>"
     placeholder: str = "<ImageHere>"
+    # The token id that stands for one image vector in `input_ids`: an id the tokenizer never produces
+    # (Phi-2's embedding table has 51200 rows for ~50295 tokens), replaced by `embed` with the projected image.
+    image_token_id: int = 51199
     stop_strings: tuple[str, ...] = ("###",)
 
 
@@ -219,9 +223,16 @@ def _demo() -> ModelConfig:
     64 px stands in for 224 (stages 1-3) and 128 px for 448 (stage 4); patch 8 keeps 8x8 patches at 64 px.
     """
     return ModelConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=192, num_layers=4, num_heads=4, intermediate_size=768),
+        vision=VisionConfig(
+            image_size=64, patch_size=8, hidden_size=192, num_layers=4, num_heads=4, intermediate_size=768
+        ),
         qformer=QFormerConfig(
-            num_query_tokens=32, hidden_size=192, num_layers=2, num_heads=4, intermediate_size=768, cross_attention_frequency=1
+            num_query_tokens=32,
+            hidden_size=192,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=768,
+            cross_attention_frequency=1,
         ),
         projector=ProjectorConfig(hidden_size=384),
         language_model=LanguageModelConfig(
@@ -231,19 +242,28 @@ def _demo() -> ModelConfig:
             num_layers=4,
             num_heads=4,
             max_position_embeddings=512,
+            resid_pdrop=0.0,
             bos_token_id=0,
             eos_token_id=0,
         ),
         image=ImageConfig(size=64),
+        prompt=PromptConfig(image_token_id=1023),
     )
 
 
 def _tiny() -> ModelConfig:
     """A few hundred thousand parameters, for unit tests that finish in seconds."""
     return ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        vision=VisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+        ),
         qformer=QFormerConfig(
-            num_query_tokens=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, cross_attention_frequency=2
+            num_query_tokens=8,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            cross_attention_frequency=2,
         ),
         projector=ProjectorConfig(hidden_size=48),
         language_model=LanguageModelConfig(
@@ -253,10 +273,12 @@ def _tiny() -> ModelConfig:
             num_layers=2,
             num_heads=4,
             max_position_embeddings=256,
+            resid_pdrop=0.0,
             bos_token_id=0,
             eos_token_id=0,
         ),
         image=ImageConfig(size=32),
+        prompt=PromptConfig(image_token_id=127),
     )
 
 
