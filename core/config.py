@@ -187,6 +187,38 @@ class ModelConfig(_Section):
     image: ImageConfig = field(default_factory=ImageConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
+    def __post_init__(self) -> None:
+        lm, v, q = self.language_model, self.vision, self.qformer
+        checks = [
+            (
+                lm.hidden_size % lm.num_heads == 0,
+                f"language_model.hidden_size {lm.hidden_size} is not divisible by num_heads {lm.num_heads}",
+            ),
+            (
+                v.hidden_size % v.num_heads == 0,
+                f"vision.hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}",
+            ),
+            (
+                q.hidden_size % q.num_heads == 0,
+                f"qformer.hidden_size {q.hidden_size} is not divisible by num_heads {q.num_heads}",
+            ),
+            (
+                v.image_size % v.patch_size == 0,
+                f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}",
+            ),
+            (
+                self.image.size % v.patch_size == 0,
+                f"image.size {self.image.size} is not a multiple of patch_size {v.patch_size}",
+            ),
+            (
+                0 <= self.prompt.image_token_id < lm.vocab_size,
+                f"prompt.image_token_id {self.prompt.image_token_id} is outside the vocabulary (0..{lm.vocab_size - 1})",
+            ),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
         if name not in PRESETS:

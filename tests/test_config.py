@@ -64,3 +64,13 @@ def test_core_and_torch_free_modules_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) is False
+
+
+def test_inconsistent_sizes_are_refused_with_the_numbers():
+    data = ModelConfig.preset("tiny").to_dict()
+    data["prompt"]["image_token_id"] = 500
+    data["image"]["size"] = 36
+    with pytest.raises(
+        ConfigError, match=r"image.size 36 is not a multiple of patch_size 8; prompt.image_token_id 500 is outside"
+    ):
+        ModelConfig.from_dict(data)
