@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m training --preset demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --model exports/demo-int4 --out reports/demo
