@@ -1,0 +1,217 @@
+"""The three ONNX graphs of the export folder, traced with `torch.onnx.export(dynamo=True)` from the model's own methods.
+
+    vision.onnx     pixel_values [B, 3, S, S]                      -> image_features [B, N, D]  (TinyGPTV.encode_image)
+    embedding.onnx  input_ids [B, T], image_features [B, N, D]      -> inputs_embeds [B, T, D]   (TinyGPTV.embed)
+    decoder.onnx    inputs_embeds [B, T, D], attention_mask [B, P+T], position_ids [B, T],
+                    past_key_values.%d.key/value [B, H, P, hs]      -> logits [B, T, V], present.%d.key/value [B, H, P+T, hs]
+
+The wrappers below only flatten the KV list into named tensors; the arithmetic is the PyTorch model's, so the graphs
+cannot drift from it. Sample inputs use distinct sizes >= 2 for every dynamic axis: torch.export specialises axes of
+size 0 or 1 and merges axes whose sample sizes are equal, and either would freeze an axis the runtime needs free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.export import Dim
+
+from core.model import TinyGPTV
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+# onnxruntime-genai's decoder contract: the same names its genai_config.json templates use.
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+GRAPH_FILES = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
+TWO_GB = 2**31
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a graph must look like: its I/O names and, per name, which axes are dynamic (axis -> symbolic name)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return GRAPH_FILES[self.name]
+
+
+def kv_names(num_layers: int, past: bool) -> list[str]:
+    key, value = (PAST_KEY, PAST_VALUE) if past else (PRESENT_KEY, PRESENT_VALUE)
+    return [name % i for i in range(num_layers) for name in (key, value)]
+
+
+def graph_specs(model: TinyGPTV) -> dict[str, GraphSpec]:
+    layers = model.config.language_model.num_layers
+    kv_in = {n: {0: "batch_size", 2: "past_sequence_length"} for n in kv_names(layers, past=True)}
+    kv_out = {n: {0: "batch_size", 2: "total_sequence_length"} for n in kv_names(layers, past=False)}
+    return {
+        "vision": GraphSpec(
+            "vision",
+            ("pixel_values",),
+            ("image_features",),
+            {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
+        ),
+        "embedding": GraphSpec(
+            "embedding",
+            ("input_ids", "image_features"),
+            ("inputs_embeds",),
+            {
+                "input_ids": {0: "batch_size", 1: "sequence_length"},
+                # Any number of image vectors >= 1: text-only callers pass one row of zeros.
+                "image_features": {0: "batch_size", 1: "num_image_tokens"},
+                "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            },
+        ),
+        "decoder": GraphSpec(
+            "decoder",
+            ("inputs_embeds", "attention_mask", "position_ids", *kv_names(layers, past=True)),
+            ("logits", *kv_names(layers, past=False)),
+            {
+                "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+                "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+                "position_ids": {0: "batch_size", 1: "sequence_length"},
+                "logits": {0: "batch_size", 1: "sequence_length"},
+                **kv_in,
+                **kv_out,
+            },
+        ),
+    }
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model: TinyGPTV) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)  # [B, N, D]
+
+
+class EmbeddingGraph(nn.Module):
+    def __init__(self, model: TinyGPTV) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(input_ids, image_features)  # [B, T, D]
+
+
+class DecoderGraph(nn.Module):
+    """decode() with the KV list flattened into 2L named tensors (key, value per layer), in and out."""
+
+    def __init__(self, model: TinyGPTV) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.language_model.num_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.num_layers)]
+        logits, present = self.model.decode(inputs_embeds, attention_mask, position_ids, past)  # [B, T, V]
+        return (logits, *[t for kv in present for t in kv])
+
+
+def sample_inputs(model: TinyGPTV, name: str, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs: batch 2, sequence 3, past 5 (distinct sizes >= 2, see the module docstring)."""
+    cfg = model.config
+    lm = cfg.language_model
+    B, T, P = 2, 3, 5
+    if name == "vision":
+        return (torch.randn(B, 3, cfg.image.size, cfg.image.size, generator=generator),)
+    if name == "embedding":
+        n = cfg.num_image_tokens if cfg.num_image_tokens not in (B, T) else cfg.num_image_tokens + 1
+        ids = torch.randint(0, lm.vocab_size, (B, T + 4), generator=generator)  # [B, T']
+        ids[:, 1:3] = cfg.prompt.image_token_id
+        return ids, torch.randn(B, n, lm.hidden_size, generator=generator)
+    embeds = torch.randn(B, T, lm.hidden_size, generator=generator)  # [B, T, D]
+    mask = torch.ones(B, P + T, dtype=torch.long)  # [B, P+T]
+    positions = torch.arange(P, P + T)[None].expand(B, -1).contiguous()  # [B, T]
+    past = [torch.randn(B, lm.num_heads, P, lm.head_size, generator=generator) for _ in range(2 * lm.num_layers)]
+    return (embeds, mask, positions, *past)
+
+
+def _dims(spec: GraphSpec) -> dict[str, Dim]:
+    names = {axis for axes in spec.dynamic_axes.values() for axis in axes.values()}
+    return {n: Dim(n) for n in sorted(names)}
+
+
+def _dynamic_shapes(spec: GraphSpec):
+    dims = _dims(spec)
+    shapes = {n: {a: dims[s] for a, s in spec.dynamic_axes.get(n, {}).items()} for n in spec.inputs}
+    if spec.name != "decoder":
+        return shapes
+    past = tuple(shapes[n] for n in spec.inputs[3:])
+    return {"inputs_embeds": shapes["inputs_embeds"], "attention_mask": shapes["attention_mask"],
+            "position_ids": shapes["position_ids"], "past_flat": past}  # fmt: skip
+
+
+def name_axes(graph: ir.Graph, spec: GraphSpec) -> None:
+    """torch writes derived axes as expressions ('past_sequence_length + sequence_length'); give them the spec's names."""
+    for value in [*graph.inputs, *graph.outputs]:
+        axes = spec.dynamic_axes.get(value.name, {})
+        if axes and value.shape is not None:
+            dims = [ir.SymbolicDim(axes[i]) if i in axes else d for i, d in enumerate(value.shape.dims)]
+            value.shape = ir.Shape(dims)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Raise these loggers to WARNING for the duration (onnx_ir logs every deduplicated initializer at INFO)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_graph(model: TinyGPTV, name: str, path: str | Path, seed: int = 0) -> GraphSpec:
+    """Trace one boundary of `model` (eval mode, fp32) into `path`; external data beside it when over 2 GB."""
+    model = model.eval()
+    spec = graph_specs(model)[name]
+    wrapper = {"vision": VisionGraph, "embedding": EmbeddingGraph, "decoder": DecoderGraph}[name](model).eval()
+    args = sample_inputs(model, name, torch.Generator().manual_seed(seed))
+    chatter = io.StringIO()  # torch.onnx prints its progress to stdout; keep it for the debug log
+    with (
+        warnings.catch_warnings(),
+        torch.no_grad(),
+        contextlib.redirect_stdout(chatter),
+        _quiet("onnx_ir", "onnxscript"),
+    ):
+        warnings.simplefilter("ignore")  # torch.onnx's FutureWarnings and axis-renaming chatter, none actionable
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            dynamic_shapes=_dynamic_shapes(spec),
+            optimize=True,
+            verbose=False,
+        )
+    logger.debug(chatter.getvalue())
+    name_axes(program.model.graph, spec)
+    path = Path(path)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    large = size > TWO_GB * 0.9  # the protobuf limit counts the graph too; leave a margin
+    program.save(path, external_data=large)  # torch names the data file `<file>.data`
+    logger.info("wrote %s (%s)", path, "external data" if large else "one file")
+    return spec

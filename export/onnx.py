@@ -1,0 +1,210 @@
+"""Export a model folder to one self-describing ONNX folder: vision, embedding and decoder graphs, tokenizer, manifest.
+
+    python -m export.onnx --model runs/demo/final --out exports/demo-fp32
+    python -m export.onnx --model runs/demo/final --out exports/demo-int4 --precision int4 --quant gptq --block-size 32
+    python -m export.onnx --preset tinygptv --random-init --out exports/real-int4 --precision int4 --quant rtn
+
+--precision   fp32 (default) | fp16 | int8 | int4. int4 quantizes the decoder's MatMuls to MatMulNBits; fp16 and int8
+              apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
+--quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq.
+--vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
+The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
+without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
+Exit status 2 with one line on stderr on bad input (missing folder, existing --out, failed validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+
+from core.config import ConfigError, ModelConfig
+from core.model import TinyGPTV
+from core.tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError
+from core.weights import WEIGHTS_FILE, WeightsError
+from export.folder import ExportError, folder_size, refuse_existing, staging_folder
+from export.graphs import GRAPH_FILES, OPSET, export_graph
+from export.manifest import build_manifest, sha256_file, write_manifest
+from export.validate import validate_folder
+
+logger = logging.getLogger("export.onnx")
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+QUANT_METHODS = ("gptq", "rtn", "hqq")
+BLOCK_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    quant: str = "gptq"
+    block_size: int = 32
+    calib_samples: int = 32
+    vision_precision: str | None = None  # None: fp32 for int4, else the same as `precision`
+    validate: bool = True
+    seed: int = 0
+
+    def vision(self) -> str:
+        if self.vision_precision:
+            return self.vision_precision
+        return "fp32" if self.precision == "int4" else self.precision
+
+
+def load_model(model_dir: str | Path | None, preset: str | None = None, seed: int = 0) -> tuple[TinyGPTV, Path | None]:
+    """The model of a folder (config.json + model.safetensors), or random weights of a preset's shapes."""
+    if model_dir is None:
+        if preset is None:
+            raise ExportError("give --model DIR, or --preset NAME --random-init")
+        torch.manual_seed(seed)
+        return TinyGPTV(ModelConfig.preset(preset)).eval(), None
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ExportError(
+            f"{model_dir}: no such model folder (expected config.json + {WEIGHTS_FILE} + {TOKENIZER_FILE})"
+        )
+    try:
+        return TinyGPTV.from_pretrained(model_dir), model_dir
+    except (FileNotFoundError, ConfigError, WeightsError) as err:
+        raise ExportError(f"cannot load the model: {err}") from None
+
+
+def load_tokenizer(model: TinyGPTV, model_dir: Path | None, tokenizer_dir: str | Path | None) -> TextTokenizer | None:
+    source = Path(tokenizer_dir) if tokenizer_dir else model_dir
+    if source is None:
+        return None
+    try:
+        return model.load_tokenizer(source)
+    except TokenizerError as err:
+        raise ExportError(f"cannot load the tokenizer: {err}") from None
+
+
+def _source(model: TinyGPTV, model_dir: Path | None, random_init: bool) -> dict[str, Any]:
+    checkpoint = model_dir / WEIGHTS_FILE if model_dir else None
+    return {
+        "model_dir": str(model_dir) if model_dir else None,
+        "random_init": random_init,
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and checkpoint.is_file() else None,
+        "config": model.config.to_dict(),
+    }
+
+
+def _exporter(seconds: float) -> dict[str, Any]:
+    return {"name": "tinygptv-edge export.onnx", "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": OPSET, "seconds": round(seconds, 1)}  # fmt: skip
+
+
+def quantize_folder(folder: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, options: ExportOptions):
+    """Rewrite the fp32 graphs in `folder` to the requested precision; returns the manifest's quantization entry."""
+    if options.precision == "fp32" and options.vision() == "fp32":
+        return {"precision": "fp32", "method": None, "bits": 32}
+    from export.quantize import quantize_graphs  # onnxruntime.quantization is slow to import; only when needed
+
+    return quantize_graphs(folder, model, tokenizer, options)
+
+
+def export_folder(
+    out: str | Path,
+    model_dir: str | Path | None = None,
+    options: ExportOptions | None = None,
+    force: bool = False,
+    preset: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+    model: TinyGPTV | None = None,
+) -> dict[str, Any]:
+    """Write the export folder `out`; returns its manifest. Raises ExportError, leaving nothing behind, on failure."""
+    options = options or ExportOptions()
+    if options.precision not in PRECISIONS:
+        raise ExportError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if options.quant not in QUANT_METHODS or options.block_size not in BLOCK_SIZES:
+        raise ExportError(f"--quant must be one of {QUANT_METHODS} and --block-size one of {BLOCK_SIZES}")
+    refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
+    start = time.monotonic()
+    model_path = None
+    if model is None:
+        model, model_path = load_model(model_dir, preset, options.seed)
+    tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
+    with staging_folder(out, force) as tmp:
+        for name in GRAPH_FILES:
+            logger.info("exporting %s graph", name)
+            export_graph(model, name, tmp / GRAPH_FILES[name], seed=options.seed)
+        quantization = quantize_folder(tmp, model, tokenizer, options)
+        if tokenizer is not None:
+            shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        validation: dict[str, Any] = {"skipped": True}
+        if options.validate:
+            logger.info("validating against PyTorch")
+            validation = validate_folder(tmp, model, tokenizer, precision=options.precision, seed=options.seed)
+            if not validation["passed"]:
+                raise ExportError("validation failed: " + "; ".join(validation["failures"]))
+        source = _source(model, model_path, random_init=model_path is None)
+        manifest = build_manifest(
+            tmp, model.config, quantization, validation, source, _exporter(time.monotonic() - start)
+        )
+        manifest["sizes"] = {"folder_bytes": folder_size(tmp)} | {
+            f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()
+        }
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def folder_size_of_graph(folder: Path, file: str) -> int:
+    """A graph's bytes including its external data file, if any."""
+    return sum(p.stat().st_size for p in folder.glob(file + "*") if p.is_file())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+    required = parser.add_argument_group("what to export")
+    required.add_argument("--model", help="model folder: config.json + model.safetensors + tokenizer.json")
+    required.add_argument("--out", required=True, help="the export folder to write (refused if it exists, see --force)")
+    required.add_argument("--preset", help="with --random-init: export random weights of this preset's shapes")
+    required.add_argument("--random-init", action="store_true", help="no checkpoint: random weights (for sizes/memory)")
+    required.add_argument("--tokenizer", help="folder holding tokenizer.json (default: the --model folder)")
+    quant = parser.add_argument_group("precision")
+    quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
+    quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
+    quant.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration sequences")
+    quant.add_argument("--vision-precision", choices=("fp32", "fp16", "int8"), help="vision graph (default: see above)")
+    other = parser.add_argument_group("other")
+    other.add_argument("--force", action="store_true", help="replace an existing --out")
+    other.add_argument("--no-validate", action="store_true", help="skip the PyTorch comparison (not recommended)")
+    other.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.random_init != (args.model is None) or (args.random_init and not args.preset):
+        parser.error("give either --model DIR, or --preset NAME --random-init")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size,
+                            calib_samples=args.calib_samples, vision_precision=args.vision_precision,
+                            validate=not args.no_validate, seed=args.seed)  # fmt: skip
+    try:
+        manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer)
+    except (ExportError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sizes = manifest["sizes"]
+    print(f"wrote {args.out}: {sizes['folder_bytes'] / 1e6:.1f} MB (decoder {sizes['decoder_bytes'] / 1e6:.1f} MB), "
+          f"{manifest['exporter']['seconds']} s")  # fmt: skip
+    for case in ("random", "real"):
+        for output, entry in manifest["validation"].get(case, {}).get("outputs", {}).items():
+            print(f"  {case:6s} {output:15s} max abs diff {entry['max_abs_diff']:.2e}  rel {entry['max_rel_diff']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Validation after every export, in the manner of optimum's: signatures first, then numbers against PyTorch.
+
+    report = validate_folder(folder, model, tokenizer, precision="fp32")
+    report["passed"]  # False for fp32 outside FP32_TOLERANCE: the exporter then refuses the folder
+
+1. Signatures: each graph's input and output names in the declared order, every declared dynamic axis symbolic (by its
+   name) and every other axis a fixed number.
+2. Random inputs, batch 2 with the first row left-padded: vision, embedding, then the decoder at past length 0 (prefill)
+   and 3 decode steps, each side feeding back its own KV cache.
+3. A real input, batch 1: a drawn image and a templated question through vision -> embedding -> decoder, prefill and
+   3 greedy steps. Both sides are fed PyTorch's greedy token so the comparison stays on one sequence; whether the
+   ONNX argmax agreed is reported per step.
+Per output, the largest absolute difference and the relative one (largest absolute difference / largest |PyTorch value|),
+maximised over steps; `present.*` outputs of all layers are folded into `present`.
+
+fp32 tolerance: |onnx - torch| <= FP32_ATOL + FP32_RTOL * max|torch| on every output. Quantized exports are measured
+against the fp32 PyTorch model and reported, not failed (their error is the quantization's, shown in the quality table).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image, ImageDraw
+
+from core.image import preprocess_for
+from core.model import TinyGPTV
+from core.phi import position_ids_from_mask
+from core.prompts import build_prompt
+from core.tokenizer import TextTokenizer
+from export.graphs import GraphSpec, graph_specs
+
+logger = logging.getLogger(__name__)
+
+FP32_ATOL = 1e-4
+FP32_RTOL = 1e-3
+DECODE_STEPS = 3
+
+
+def open_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_signature(session: ort.InferenceSession, spec: GraphSpec) -> list[str]:
+    """Problems with a session's I/O against the spec: names, order, dynamic and fixed axes. Empty when all is right."""
+    problems = []
+    for kind, values, names in (
+        ("input", session.get_inputs(), spec.inputs),
+        ("output", session.get_outputs(), spec.outputs),
+    ):
+        found = [v.name for v in values]
+        if found != list(names):
+            problems.append(f"{spec.name} {kind}s are {found}, expected {list(names)}")
+            continue
+        for value in values:
+            axes = spec.dynamic_axes.get(value.name, {})
+            for axis, dim in enumerate(value.shape):
+                if axis in axes and dim != axes[axis]:
+                    problems.append(f"{spec.name} {value.name} axis {axis} is {dim!r}, expected dynamic {axes[axis]!r}")
+                if axis not in axes and not isinstance(dim, int):
+                    problems.append(f"{spec.name} {value.name} axis {axis} is {dim!r}, expected a fixed size")
+    return problems
+
+
+def _diff(found: np.ndarray, ref: torch.Tensor) -> tuple[float, float]:
+    ref_np = ref.detach().float().numpy()
+    if found.shape != ref_np.shape:
+        raise AssertionError(f"shape {found.shape} differs from PyTorch's {ref_np.shape}")
+    worst = float(np.abs(found.astype(np.float32) - ref_np).max()) if found.size else 0.0
+    scale = float(np.abs(ref_np).max()) if found.size else 0.0
+    return worst, worst / scale if scale > 0 else worst
+
+
+class _Tracker:
+    """Largest differences per output over every step; an output name folds `present.3.key` into `present`."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, dict[str, float]] = {}
+
+    def add(self, name: str, found: np.ndarray, ref: torch.Tensor) -> None:
+        key = "present" if name.startswith("present.") else name
+        worst, rel = _diff(found, ref)
+        scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
+        entry = self.outputs.setdefault(key, {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "max_abs_ref": 0.0})
+        if not np.isfinite(found).all():
+            worst = rel = float("inf")
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], worst)
+        entry["max_rel_diff"] = max(entry["max_rel_diff"], rel)
+        entry["max_abs_ref"] = max(entry["max_abs_ref"], scale)
+
+
+def _decoder_feed(names, embeds, mask, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    positions = position_ids_from_mask(torch.from_numpy(mask), embeds.shape[1]).numpy()
+    return dict(zip(names, [embeds, mask, positions, *past]))
+
+
+def _run_decoder_chain(model, sessions, specs, tracker, embeds, mask, step_embeds_fn) -> list[dict[str, Any]]:
+    """Prefill (past 0) then DECODE_STEPS steps on both sides; step_embeds_fn(step, pt_logits) gives the next inputs."""
+    lm = model.config.language_model
+    spec, session = specs["decoder"], sessions["decoder"]
+    empty = np.zeros((embeds.shape[0], lm.num_heads, 0, lm.head_size), np.float32)
+    ort_past = [empty] * (2 * lm.num_layers)
+    pt_past = None
+    steps = []
+    for step in range(DECODE_STEPS + 1):
+        feed = _decoder_feed(spec.inputs, embeds, mask, ort_past)
+        found = session.run(None, feed)
+        with torch.no_grad():
+            pt_logits, present = model.decode(
+                torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(feed["position_ids"]), pt_past
+            )
+        refs = [pt_logits, *[t for kv in present for t in kv]]
+        for name, out, ref in zip(spec.outputs, found, refs):
+            tracker.add(name, out, ref)
+        steps.append({"step": step, "past_length": int(ort_past[0].shape[2]), "query_length": int(embeds.shape[1]),
+                      "argmax_equal": bool((found[0][:, -1].argmax(-1) == pt_logits[:, -1].argmax(-1).numpy()).all())})  # fmt: skip
+        ort_past, pt_past = found[1:], present
+        embeds = step_embeds_fn(step, pt_logits)  # [B, 1, D]
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)  # [B, P+1]
+    return steps
+
+
+def validate_random(model: TinyGPTV, sessions, specs, seed: int = 0) -> dict[str, Any]:
+    cfg = model.config
+    lm = cfg.language_model
+    gen = torch.Generator().manual_seed(seed)
+    tracker = _Tracker()
+    B, T = 2, 7
+    pixels = torch.randn(B, 3, cfg.image.size, cfg.image.size, generator=gen)  # [B, 3, S, S]
+    with torch.no_grad():
+        pt_features = model.encode_image(pixels)  # [B, N, D]
+    (features,) = sessions["vision"].run(None, {"pixel_values": pixels.numpy()})
+    tracker.add("image_features", features, pt_features)
+
+    ids = torch.randint(1, cfg.prompt.image_token_id, (B, T + cfg.num_image_tokens), generator=gen)  # [B, T+N]
+    ids[:, 1 : 1 + cfg.num_image_tokens] = cfg.prompt.image_token_id
+    with torch.no_grad():
+        pt_embeds = model.embed(ids, pt_features)  # [B, T+N, D]
+    (embeds,) = sessions["embedding"].run(None, {"input_ids": ids.numpy(), "image_features": pt_features.numpy()})
+    tracker.add("inputs_embeds", embeds, pt_embeds)
+
+    mask = np.ones(ids.shape, np.int64)
+    mask[0, :2] = 0  # row 0 left-padded by two
+    inputs = torch.randn(DECODE_STEPS, B, 1, lm.hidden_size, generator=gen).numpy()
+    steps = _run_decoder_chain(model, sessions, specs, tracker, pt_embeds.numpy(), mask, lambda s, _: inputs[s - 1])
+    return {"batch_size": B, "outputs": tracker.outputs, "decoder_steps": steps}
+
+
+def demo_image(size: int) -> Image.Image:
+    """A red circle and a blue square on white: the same picture every time, no file needed."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((size * 0.1, size * 0.1, size * 0.5, size * 0.5), fill=(220, 30, 30))
+    draw.rectangle((size * 0.55, size * 0.5, size * 0.9, size * 0.85), fill=(30, 60, 220))
+    return image
+
+
+def validate_real(model: TinyGPTV, tokenizer: TextTokenizer, sessions, specs, question: str) -> dict[str, Any]:
+    cfg = model.config
+    tracker = _Tracker()
+    pixels = torch.from_numpy(preprocess_for(demo_image(cfg.image.size), cfg.image))[None]  # [1, 3, S, S]
+    with torch.no_grad():
+        pt_features = model.encode_image(pixels)  # [1, N, D]
+    (features,) = sessions["vision"].run(None, {"pixel_values": pixels.numpy()})
+    tracker.add("image_features", features, pt_features)
+    prompt = build_prompt(question, cfg.prompt.template)
+    ids = torch.tensor([tokenizer.encode_prompt(prompt, 1, cfg.num_image_tokens)])  # [1, T]
+    with torch.no_grad():
+        pt_embeds = model.embed(ids, pt_features)  # [1, T, D]
+    (embeds,) = sessions["embedding"].run(None, {"input_ids": ids.numpy(), "image_features": features})
+    tracker.add("inputs_embeds", embeds, pt_embeds)
+    tokens: list[int] = []
+
+    def next_embeds(step: int, pt_logits: torch.Tensor) -> np.ndarray:
+        logits = pt_logits[:, -1].clone()  # [1, V]
+        logits[:, cfg.prompt.image_token_id] = float("-inf")
+        tokens.append(int(logits.argmax(-1)))
+        step_ids = np.array([[tokens[-1]]], np.int64)
+        return sessions["embedding"].run(None, {"input_ids": step_ids, "image_features": features})[0]
+
+    mask = np.ones(ids.shape, np.int64)
+    steps = _run_decoder_chain(model, sessions, specs, tracker, embeds, mask, next_embeds)
+    return {"batch_size": 1, "prompt": prompt, "prompt_tokens": int(ids.shape[1]), "pytorch_tokens": tokens,
+            "outputs": tracker.outputs, "decoder_steps": steps}  # fmt: skip
+
+
+def within(entry: dict[str, float], atol: float, rtol: float) -> bool:
+    return entry["max_abs_diff"] <= atol + rtol * entry["max_abs_ref"]
+
+
+def validate_folder(
+    folder: str | Path,
+    model: TinyGPTV,
+    tokenizer: TextTokenizer | None,
+    precision: str = "fp32",
+    question: str = "[vqa] What color is the circle?",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run every check on `folder`'s graphs against `model`; returns the report that goes into the manifest."""
+    folder = Path(folder)
+    model = model.eval()
+    specs = graph_specs(model)
+    sessions = {name: open_session(folder / spec.file) for name, spec in specs.items()}
+    problems = [p for name in specs for p in check_signature(sessions[name], specs[name])]
+    report: dict[str, Any] = {"precision": precision, "signature_problems": problems}
+    report["random"] = validate_random(model, sessions, specs, seed)
+    if tokenizer is not None:
+        report["real"] = validate_real(model, tokenizer, sessions, specs, question)
+    strict = precision == "fp32"
+    report["tolerance"] = {"atol": FP32_ATOL, "rtol": FP32_RTOL, "enforced": strict,
+                           "rule": "max|onnx - torch| <= atol + rtol * max|torch| per output (fp32 only)"}  # fmt: skip
+    failures = []
+    for case in ("random", "real"):
+        for output, entry in report.get(case, {}).get("outputs", {}).items():
+            entry["passed"] = (
+                within(entry, FP32_ATOL, FP32_RTOL) if strict else bool(np.isfinite(entry["max_abs_diff"]))
+            )
+            if not entry["passed"]:
+                failures.append(f"{case} {output}: max abs diff {entry['max_abs_diff']:.3g} "
+                                f"(max |torch| {entry['max_abs_ref']:.3g})")  # fmt: skip
+    report["failures"] = problems + failures
+    report["passed"] = not report["failures"]
+    return report

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny model folder (tiny preset + a tiny BPE tokenizer) and its fp32 export, each built once a session.
+
+def test_x(tiny_model_dir): ...     # config.json + model.safetensors + tokenizer.json, seeded weights
+def test_y(tiny_export_dir): ...    # vision/embedding/decoder.onnx + tokenizer.json + manifest.json (fp32, validated)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_CORPUS = [
+    "[INST] <Img><ImageHere></Img> [vqa] What color is the circle? [/INST] red",
+    "[INST] <Img><ImageHere></Img> [vqa] What shape is blue? [/INST] square",
+    "[INST] <Img><ImageHere></Img> [caption] Briefly describe this image. [/INST] a red circle and a blue square",
+    "[INST] <Img><ImageHere></Img> [refer] where is the green triangle? [/INST] {<10><20><30><40>}",
+    "How many shapes are there? two. Is there a yellow star? no.",
+]
+
+
+def train_tiny_tokenizer(vocab_size: int = 120):
+    """A BPE tokenizer over TINY_CORPUS with `<|endoftext|>` as id 0 and fewer ids than the tiny image_token_id 127."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False)
+    tokenizer.train_from_iterator(TINY_CORPUS, trainer)
+    assert tokenizer.token_to_id("<|endoftext|>") == 0 and tokenizer.get_vocab_size() < 127
+    return tokenizer
+
+
+def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    import torch
+
+    from core.config import ModelConfig
+    from core.model import TinyGPTV
+    from core.tokenizer import TextTokenizer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("tiny")
+    model = TinyGPTV(cfg).eval()
+    lm = cfg.language_model
+    tokenizer = TextTokenizer(train_tiny_tokenizer(), lm.bos_token_id, lm.eos_token_id, cfg.prompt.image_token_id)
+    model.save_pretrained(path, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny-preset model (seed 0) with its tokenizer: config.json, model.safetensors, tokenizer.json."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The fp32 export folder of `tiny_model_dir` (validated against PyTorch as every export is)."""
+    from export.onnx import export_folder
+
+    out = tmp_path_factory.mktemp("tiny_export") / "fp32"
+    export_folder(out, tiny_model_dir)
+    return out
