@@ -1,0 +1,214 @@
+"""The memory plan: what loading and running an export will take, worked out from the manifest before loading anything.
+
+    plan = plan_memory(manifest, context=512, batch_size=1, budget="8GB")
+    print(plan.describe())        # the table `python -m runtime --plan` prints
+    plan.check()                  # BudgetError with the numbers and what would fit, if over budget
+
+Terms (bytes):
+- weights: the graph files and their external data as they lie on disk (ONNX Runtime holds them once in memory);
+- load transient: while a graph loads, ONNX Runtime holds its protobuf and the initializers made from it at once,
+  so the largest graph file counts a second time until loading ends;
+- KV cache: 2 (key, value) x layers x heads x head size x context x 4 bytes x batch, twice: the contract's decoder
+  writes `present` (past + new) to a different buffer than `past`, so the runtime keeps two fixed buffers and swaps
+  them each step instead of allocating;
+- activations: the largest step (prefill of a full context, or the vision encoder), summed over the three sessions
+  because each session keeps its own arena: logits [B, T, V], attention scores [B, H, T, T], hidden states;
+- arena: ONNX Runtime's allocator overhead on the activations (chunk rounding, fragmentation);
+- runtime: the Python interpreter, numpy, onnxruntime and its thread pools, the tokenizer; measured, not derived.
+Peak = runtime + weights + max(load transient, KV cache + activations + arena).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+from runtime.errors import BudgetError, RuntimeInputError
+from runtime.manifest import Manifest
+
+FLOAT_BYTES = 4  # the KV cache and activations are float32 in every export this kit writes
+# Measured: python + numpy + onnxruntime + tokenizers + Pillow + three sessions and their thread pools
+# (about 75 MiB on CPU); CUDA adds its libraries and context.
+RUNTIME_OVERHEAD = {"cpu": 96 << 20, "cuda": 1536 << 20}
+ARENA_FRACTION = 0.5  # arena overhead as a fraction of activations (power-of-two chunk growth, at most 2x)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'8GB', '8G', '8GiB', '512MB', '1.5g', 2_000_000 -> bytes. Units are binary (8GB = 8 x 2**30), as Docker and Java."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise RuntimeInputError(f"memory budget must be positive, got {text}")
+        return int(text)
+    match = _SIZE.match(str(text))
+    if not match:
+        raise RuntimeInputError(f"memory budget {text!r} is not a size; write it like 8GB, 512MB or 1.5GB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise RuntimeInputError(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(n: int | float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1: '1.50 GiB', '12.0 MiB', '512 B'."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    provider: str
+    context: int
+    batch_size: int
+    weights: int
+    load_transient: int
+    kv_cache: int
+    activations: int
+    arena: int
+    runtime: int
+    kv_bytes_per_token: int  # per token of context, both buffers, the whole batch
+    weights_int4: int  # what the weights would take as an int4 export (estimate), for the suggestion
+    largest_context: int = 0  # the largest context (a multiple of 64, or of 16 below 64) that fits; 0 if none
+
+    @property
+    def run(self) -> int:
+        return self.kv_cache + self.activations + self.arena
+
+    @property
+    def peak(self) -> int:
+        return self.runtime + self.weights + max(self.load_transient, self.run)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak": self.peak, "fits": self.fits}
+
+    def describe(self) -> str:
+        where = "GPU memory" if self.provider == "cuda" else "memory (RSS)"
+        rows = [
+            ("weights", self.weights, "graph files and external data"),
+            ("load transient", self.load_transient, "largest graph's protobuf, held while it loads"),
+            ("KV cache", self.kv_cache, f"context {self.context:,} x batch {self.batch_size}, two swapped buffers"),
+            ("activations", self.activations, "largest step: full-context prefill or vision"),
+            ("arena", self.arena, "allocator overhead on activations"),
+            ("runtime", self.runtime, f"Python + onnxruntime ({self.provider})"),
+        ]
+        lines = [f"memory plan ({where}):"]
+        lines += [f"  {name:<15}{format_bytes(value):>12}  {why}" for name, value, why in rows]
+        verdict = "fits" if self.fits else "OVER BUDGET"
+        lines.append(f"  {'peak':<15}{format_bytes(self.peak):>12}  of budget {format_bytes(self.budget)}: {verdict}")
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Raise BudgetError with the numbers and what would fit when the peak is over the budget."""
+        if self.fits:
+            return
+        hints = []
+        if 0 < self.largest_context < self.context:
+            hints.append(f"--context {self.largest_context}")
+        if self.batch_size > 1:
+            hints.append("a smaller --batch-size")
+        ratio = self.weights_int4 / max(self.weights, 1)
+        int4_peak = self.runtime + self.weights_int4 + max(int(self.load_transient * ratio), self.run)
+        if self.weights_int4 < self.weights and int4_peak <= self.budget:
+            hints.append(f"an int4 export (about {format_bytes(self.weights_int4)} of weights)")
+        hint = "; would fit: " + " or ".join(hints) if hints else "; nothing smaller fits, raise --memory-budget"
+        raise BudgetError(
+            f"planned peak {format_bytes(self.peak)} > budget {format_bytes(self.budget)} "
+            f"(weights {format_bytes(self.weights)} + KV cache {format_bytes(self.kv_cache)} for context "
+            f"{self.context:,} x batch {self.batch_size} + activations {format_bytes(self.activations + self.arena)} "
+            f"+ runtime {format_bytes(self.runtime)}){hint}"
+        )
+
+
+def _vision_activations(manifest: Manifest, batch_size: int) -> int:
+    """Vision encoder's largest step from the source config if the manifest carries it, else from the image size."""
+    cfg = manifest.source.get("config") if isinstance(manifest.source.get("config"), dict) else {}
+    vision = cfg.get("vision", {}) if isinstance(cfg, dict) else {}
+    size = manifest.image.size
+    patch = int(vision.get("patch_size", 14))
+    width = int(vision.get("hidden_size", 1408))
+    heads = int(vision.get("num_heads", 16))
+    inner = int(vision.get("intermediate_size", 4 * width))
+    tokens = (size // patch) ** 2 + 1
+    per_image = 2 * heads * tokens * tokens + tokens * (6 * width + 2 * inner)  # scores + softmax, hidden states
+    return batch_size * per_image * FLOAT_BYTES
+
+
+def _decoder_activations(manifest: Manifest, context: int, batch_size: int) -> int:
+    """Prefill of a full context: logits, one layer's attention scores and hidden states, the embeddings."""
+    d = manifest.decoder
+    cfg = manifest.source.get("config") if isinstance(manifest.source.get("config"), dict) else {}
+    lm = cfg.get("language_model", {}) if isinstance(cfg, dict) else {}
+    inner = int(lm.get("intermediate_size", 4 * d.hidden_size))
+    logits = context * d.vocab_size
+    scores = 2 * d.num_heads * context * context
+    hidden = context * (8 * d.hidden_size + 2 * inner)
+    embeds = 2 * context * d.hidden_size  # the embedding graph's output, then the decoder's copy
+    return batch_size * (logits + scores + hidden + embeds) * FLOAT_BYTES
+
+
+def plan_memory(
+    manifest: Manifest,
+    context: int | None = None,
+    batch_size: int = 1,
+    budget: str | int = "8GB",
+    provider: str = "cpu",
+    search: bool = True,
+) -> MemoryPlan:
+    """Plan memory for running `manifest`'s export with a KV cache of `context` tokens for `batch_size` rows."""
+    d = manifest.decoder
+    context = d.context_length if context is None else context
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise RuntimeInputError(f"context must be a positive number of tokens, got {context!r}")
+    if context > d.context_length:
+        raise RuntimeInputError(
+            f"context {context:,} is longer than the model's {d.context_length:,} positions; "
+            f"use --context {d.context_length} or less"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise RuntimeInputError(f"batch size must be a positive integer, got {batch_size!r}")
+    sizes = manifest.weight_sizes()
+    weights = sum(sizes.values())
+    graph_files = [g.file for g in manifest.graphs.values()]
+    load_transient = max((sizes.get(f, 0) for f in graph_files), default=0)
+    kv_per_token = 2 * 2 * d.num_layers * d.num_heads * d.head_size * FLOAT_BYTES * batch_size
+    activations = _decoder_activations(manifest, context, batch_size) + _vision_activations(manifest, batch_size)
+    bits = manifest.quantization.get("bits") if isinstance(manifest.quantization, dict) else None
+    # int4 with a float scale per 32 weights is ~4.5 bits; embeddings and norms stay float (about 1/8 of the weights)
+    weights_int4 = weights if bits in (4, "4") else int(weights * (0.125 + 0.875 * 4.5 / 32))
+    plan = MemoryPlan(
+        budget=parse_bytes(budget),
+        provider=provider,
+        context=context,
+        batch_size=batch_size,
+        weights=weights,
+        load_transient=load_transient,
+        kv_cache=kv_per_token * context,
+        activations=activations,
+        arena=int(activations * ARENA_FRACTION),
+        runtime=RUNTIME_OVERHEAD.get(provider, RUNTIME_OVERHEAD["cpu"]),
+        kv_bytes_per_token=kv_per_token,
+        weights_int4=weights_int4,
+    )
+    return replace(plan, largest_context=_largest_context(plan, manifest)) if search else plan
+
+
+def _largest_context(plan: MemoryPlan, manifest: Manifest) -> int:
+    """Binary search over contexts (multiples of 64, or 16 for small models) for the largest whose plan fits."""
+    if plan.fits:
+        return plan.context
+    step = 64 if plan.context >= 128 else 16
+    low, high = 0, -(-plan.context // step)  # low fits (0 = nothing), high does not (high * step >= context)
+    while high - low > 1:
+        mid = (low + high) // 2
+        trial = plan_memory(manifest, mid * step, plan.batch_size, plan.budget, plan.provider, search=False)
+        low, high = (mid, high) if trial.fits else (low, mid)
+    return low * step

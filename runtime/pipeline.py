@@ -1,0 +1,283 @@
+"""The Python API of the runtime: load an export folder, answer questions about images, stream, batch, chat.
+
+    from runtime import Pipeline
+    pipe = Pipeline.load("exports/demo-int4", provider="cpu", threads=2, memory_budget="8GB")
+    result = pipe.generate("photo.jpg", "[vqa] What colour is the circle?", max_new_tokens=32)
+    result.text, result.tokens, result.timings.decode_tokens_per_s, result.boxes
+    for piece in pipe.stream("photo.jpg", "[caption] Describe the image"):
+        print(piece, end="", flush=True)
+    results = pipe.generate_batch([("a.jpg", "[vqa] ..."), ("b.jpg", "[refer] the red square")])
+    chat = pipe.chat("photo.jpg"); chat.ask("[vqa] How many circles?"); chat.ask("[vqa] And squares?")
+
+Loading plans memory first (nothing is loaded when the plan is over budget), then checks every file's sha256, creates
+the three sessions and the KV cache, and warms the graphs up. Prompts are built as in training: the question goes
+through the manifest's template with the image placeholder in front (`core.prompts.build_prompt`), the tokenizer puts
+BOS first and the image token ids at the placeholder (`TextTokenizer.encode_prompt`), and the image is preprocessed with
+the manifest's size, mean and std (`core.image.preprocess_for`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.image import ImageInput, preprocess_for
+from core.prompts import IMAGE_PLACEHOLDER, IMAGE_TEXT, build_prompt
+from core.tokenizer import TextTokenizer
+from runtime.budget import MemoryPlan, plan_memory
+from runtime.chat import Chat
+from runtime.errors import ManifestError, RuntimeInputError
+from runtime.generate import (
+    DecodeLoop,
+    GenerationResult,
+    RunState,
+    TextStream,
+    Timings,
+    peak_rss_bytes,
+    run_tokens,
+)
+from runtime.kv_cache import KVCache
+from runtime.manifest import Manifest, read_manifest
+from runtime.sampling import Sampler, SamplingParams
+from runtime.session import Sessions, resolve_provider
+
+logger = logging.getLogger(__name__)
+
+
+class Stream:
+    """Iterate for text pieces; `.result` holds the GenerationResult once iteration ends (or is abandoned)."""
+
+    def __init__(self, steps: Callable[[], Iterator[str]]) -> None:
+        self._steps = steps
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._steps()
+
+    @property
+    def text(self) -> str:
+        """Run to the end (if not done) and return the whole text."""
+        if self.result is None:
+            for _ in self:
+                pass
+        return self.result.text if self.result else ""
+
+
+class Pipeline:
+    def __init__(
+        self, manifest: Manifest, plan: MemoryPlan, tokenizer: TextTokenizer, sessions: Sessions, cache: KVCache
+    ) -> None:
+        self.manifest, self.plan, self.tokenizer, self.sessions, self.cache = manifest, plan, tokenizer, sessions, cache
+        self.loop = DecodeLoop(sessions, cache)
+        self.template = manifest.prompt.template
+        self.stop_strings = manifest.prompt.stop_strings
+        self.stop_ids = (manifest.eos_token_id,)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        memory_budget: str | int = "8GB",
+        context: int | None = None,
+        batch_size: int = 1,
+        verify: bool = True,
+        warm_up: bool = True,
+    ) -> Pipeline:
+        """Plan, verify, load and warm up an export folder. Raises a RuntimeInputError subclass on bad input."""
+        resolve_provider(provider)
+        manifest = read_manifest(model_dir)
+        plan = plan_memory(manifest, context, batch_size, memory_budget, provider)
+        plan.check()
+        if (manifest.prompt.image_text, manifest.prompt.placeholder) != (IMAGE_TEXT, IMAGE_PLACEHOLDER):
+            raise ManifestError(
+                f"{manifest.folder}: the manifest writes the image as {manifest.prompt.image_text!r} / "
+                f"{manifest.prompt.placeholder!r}; this runtime builds prompts with {IMAGE_TEXT!r}"
+            )
+        if verify:
+            manifest.verify()
+        tokenizer = TextTokenizer.from_dir(
+            manifest.folder, manifest.bos_token_id, manifest.eos_token_id, manifest.image_token_id
+        )
+        sessions = Sessions.create(manifest, provider, threads)
+        cache = KVCache(manifest.decoder, plan.batch_size, plan.context, sessions.device_type)
+        pipe = cls(manifest, plan, tokenizer, sessions, cache)
+        if warm_up:
+            sessions.warm_up()
+        return pipe
+
+    # --- inputs
+    def encode_images(self, images: Sequence[ImageInput | None]) -> tuple[np.ndarray | None, float, float]:
+        """Images (None for a text-only row) -> (features [B, N, D] or None, preprocess seconds, vision seconds)."""
+        if all(im is None for im in images):
+            return None, 0.0, 0.0
+        start = time.perf_counter()
+        which = [i for i, im in enumerate(images) if im is not None]
+        pixels = np.stack([preprocess_for(images[i], self.manifest.image) for i in which])  # [b, 3, S, S]
+        mid = time.perf_counter()
+        (feats,) = self.sessions.vision.run(None, {"pixel_values": pixels})  # [b, N, D]
+        end = time.perf_counter()
+        out = np.zeros((len(images), *feats.shape[1:]), dtype=np.float32)  # [B, N, D]
+        out[which] = feats
+        return out, mid - start, end - mid
+
+    def prompt_ids(self, prompt: str, image: bool, bos: bool = True) -> list[int]:
+        """One user turn -> token ids: template applied, image placeholder in front when there is an image."""
+        if not isinstance(prompt, str):
+            raise RuntimeInputError(f"the prompt must be text, got {type(prompt).__name__}")
+        text = build_prompt(prompt, self.template, image=image)
+        n_images = 1 if image else 0
+        return self.tokenizer.encode_prompt(text, n_images, self.manifest.num_image_tokens, add_bos=bos)
+
+    def _settings(
+        self, max_new_tokens: int, stop: str | Sequence[str] | None, **sampling: Any
+    ) -> tuple[Sampler, tuple[str, ...]]:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise RuntimeInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        params = SamplingParams(**sampling)
+        extra = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        sampler = Sampler(params, self.manifest.decoder.vocab_size, banned_ids=(self.manifest.image_token_id,))
+        return sampler, tuple(self.stop_strings) + extra
+
+    # --- one request
+    def stream(
+        self,
+        image: ImageInput | None,
+        prompt: str,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Stream:
+        """Like generate(), but iterate the returned Stream for text pieces as they are decoded."""
+        sampler, stops = self._settings(
+            max_new_tokens, stop, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed,
+        )  # fmt: skip
+        ids = self.prompt_ids(prompt, image is not None)
+        return self._stream(image, [ids], sampler, stops, max_new_tokens, keep_cache=False, owner=None)
+
+    def generate(
+        self,
+        image: ImageInput | None,
+        prompt: str,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> GenerationResult:
+        """Answer one prompt about one image (a path, bytes, a PIL image, an array, or None for text only).
+
+        temperature 0 is greedy; `stop` adds stop strings to the manifest's; EOS always stops.
+        """
+        stream = self.stream(
+            image, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )  # fmt: skip
+        for _ in stream:
+            pass
+        return stream.result
+
+    def _stream(
+        self,
+        image: ImageInput | None,
+        rows: list[list[int]],
+        sampler: Sampler,
+        stops: tuple[str, ...],
+        max_new_tokens: int,
+        keep_cache: bool,
+        owner: object | None,
+        features: np.ndarray | None = None,
+        seen: list[list[int]] | None = None,
+        on_end: Callable[[RunState], None] | None = None,
+    ) -> Stream:
+        holder: list[Stream] = []
+
+        def steps() -> Iterator[str]:
+            start = time.perf_counter()
+            timings = Timings()
+            feats = features
+            if image is not None:
+                feats, timings.preprocess_s, timings.vision_s = self.encode_images([image])
+            text = TextStream(self.tokenizer, stops)
+            state = RunState(rows=1)
+            finished = False
+            try:
+                for pieces in run_tokens(
+                    self.loop, rows, feats, sampler, max_new_tokens, self.stop_ids, [text], state,
+                    self.manifest.pad_token_id, owner=owner, keep_cache=keep_cache, seen_rows=seen,
+                ):  # fmt: skip
+                    if pieces[0]:
+                        yield pieces[0]
+                tail = text.finish()
+                if tail:
+                    yield tail
+                finished = True
+            finally:
+                reason = state.reasons[0] if finished else "interrupted"
+                holder[0].result = self._result(text.final_text(), state, 0, len(rows[0]), reason, timings, start)
+                if on_end is not None:
+                    on_end(state)
+
+        holder.append(Stream(steps))
+        return holder[0]
+
+    def _result(
+        self, text: str, state: RunState, row: int, prompt_len: int, reason: str, timings: Timings, start: float
+    ) -> GenerationResult:
+        timings.prefill_s = state.prefill_s
+        timings.ttft_s = state.first_token_at - start if state.first_token_at else 0.0
+        timings.decode_s = state.last_token_at - state.first_token_at if state.first_token_at else 0.0
+        timings.decode_tokens = state.fed
+        timings.total_s = time.perf_counter() - start
+        timings.peak_rss_bytes = peak_rss_bytes()
+        return GenerationResult(text, list(state.new[row]), prompt_len, reason, timings)
+
+    # --- several requests
+    def generate_batch(
+        self,
+        requests: Sequence[tuple[ImageInput | None, str]],
+        max_new_tokens: int = 128,
+        stop: str | Sequence[str] | None = None,
+        **sampling: Any,
+    ) -> list[GenerationResult]:
+        """Answer several (image, prompt) pairs, `batch_size` (see load) rows at a time, left-padded."""
+        sampler, stops = self._settings(max_new_tokens, stop, **sampling)
+        results: list[GenerationResult] = []
+        size = self.cache.batch_size
+        for first in range(0, len(requests), size):
+            chunk = requests[first : first + size]
+            start = time.perf_counter()
+            timings = Timings()
+            rows = [self.prompt_ids(prompt, image is not None) for image, prompt in chunk]
+            feats, timings.preprocess_s, timings.vision_s = self.encode_images([image for image, _ in chunk])
+            streams = [TextStream(self.tokenizer, stops) for _ in chunk]
+            state = RunState(rows=len(chunk))
+            for _ in run_tokens(
+                self.loop, rows, feats, sampler, max_new_tokens, self.stop_ids, streams, state,
+                self.manifest.pad_token_id,
+            ):  # fmt: skip
+                pass
+            for i, text in enumerate(streams):
+                row_timings = replace(timings)
+                results.append(
+                    self._result(text.final_text(), state, i, len(rows[i]), state.reasons[i], row_timings, start)
+                )
+        return results
+
+    def chat(self, image: ImageInput | None = None) -> Chat:
+        """A multi-turn conversation about `image` that keeps the KV cache between turns (see runtime.chat)."""
+        return Chat(self, image)

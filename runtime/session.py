@@ -1,0 +1,123 @@
+"""ONNX Runtime sessions for the three graphs of an export folder: provider, threads, I/O check, warm-up.
+
+    sessions = Sessions.create(manifest, provider="cpu", threads=2)
+    sessions.warm_up()            # one small run of each graph, so the first answer is not the slow one
+
+Threads: `threads` sets each session's intra-op pool (None = onnxruntime's default, one per physical core). The three
+graphs run one after another, never at once, so inter-op parallelism stays off. The CPU arena is off: the runtime
+keeps its big buffers (KV cache, decode logits) itself, and without the arena the memory of a prefill goes back to the
+system after it, which keeps the measured peak inside the memory plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import ManifestError, ProviderError, RuntimeInputError
+from runtime.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def resolve_provider(provider: str) -> list[str]:
+    """'cpu' | 'cuda' -> the onnxruntime provider list; ProviderError naming the available ones if missing."""
+    available = ort.get_available_providers()
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    if wanted not in available:
+        have = ", ".join(p for p in available if p != "AzureExecutionProvider")
+        extra = " (install onnxruntime-gpu instead of onnxruntime for CUDA)" if provider == "cuda" else ""
+        raise ProviderError(
+            f"provider {provider!r} ({wanted}) is not available in this onnxruntime; have: {have}{extra}"
+        )
+    return [wanted, "CPUExecutionProvider"] if provider != "cpu" else [wanted]
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+        raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    opts.enable_cpu_mem_arena = False
+    opts.log_severity_level = 3  # errors only: onnxruntime's warnings about unused initializers are not the user's
+    return opts
+
+
+def _check_io(session: ort.InferenceSession, manifest: Manifest, name: str) -> None:
+    """The graph's inputs and outputs must be the ones the manifest names; a mismatch means a broken export."""
+    spec = manifest.graphs[name]
+    have_in = [i.name for i in session.get_inputs()]
+    have_out = [o.name for o in session.get_outputs()]
+    want_in, want_out = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+    if sorted(have_in) != sorted(want_in) or sorted(have_out) != sorted(want_out):
+        raise ManifestError(
+            f"{manifest.path(spec.file)}: inputs {have_in} / outputs {have_out} differ from the manifest's "
+            f"{want_in} / {want_out}; export the model again"
+        )
+
+
+@dataclass
+class Sessions:
+    vision: ort.InferenceSession
+    embedding: ort.InferenceSession
+    decoder: ort.InferenceSession
+    manifest: Manifest
+    provider: str
+    threads: int | None
+    load_seconds: float = 0.0
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.provider == "cuda" else "cpu"
+
+    @classmethod
+    def create(cls, manifest: Manifest, provider: str = "cpu", threads: int | None = None) -> Sessions:
+        providers = resolve_provider(provider)
+        opts = session_options(threads)
+        start = time.perf_counter()
+        sessions = {}
+        for name in ("vision", "embedding", "decoder"):
+            path = manifest.path(manifest.graphs[name].file)
+            try:
+                sessions[name] = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ManifestError(f"{path}: onnxruntime cannot load this graph ({first})") from None
+            _check_io(sessions[name], manifest, name)
+        seconds = time.perf_counter() - start
+        logger.info("loaded 3 graphs from %s in %.2f s (%s, threads=%s)", manifest.folder, seconds, provider, threads)
+        return cls(**sessions, manifest=manifest, provider=provider, threads=threads, load_seconds=seconds)
+
+    def warm_up(self) -> float:
+        """Run each graph once on the smallest inputs (batch 1, 2 tokens); returns the seconds it took."""
+        m, d = self.manifest, self.manifest.decoder
+        start = time.perf_counter()
+        pixels = np.zeros((1, 3, m.image.size, m.image.size), dtype=np.float32)  # [1, 3, S, S]
+        (features,) = self.vision.run(None, {"pixel_values": pixels})  # [1, N, D]
+        ids = np.full((1, 2), m.bos_token_id, dtype=np.int64)  # [1, 2]
+        (embeds,) = self.embedding.run(None, {"input_ids": ids, "image_features": features})  # [1, 2, D]
+        feeds = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((1, 2), dtype=np.int64),
+            "position_ids": np.arange(2, dtype=np.int64)[None],
+        }
+        empty = np.zeros((1, d.num_heads, 0, d.head_size), dtype=np.float32)  # [1, H, 0, hs]
+        for layer in range(d.num_layers):
+            feeds[d.past_key(layer)] = empty
+            feeds[d.past_value(layer)] = empty
+        self.decoder.run(["logits"], feeds)
+        seconds = time.perf_counter() - start
+        logger.info("warm-up of 3 graphs: %.3f s", seconds)
+        return seconds
