@@ -12,9 +12,11 @@ size 0 or 1 and merges axes whose sample sizes are equal, and either would freez
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,44 @@ def name_axes(graph: ir.Graph, spec: GraphSpec) -> None:
             value.shape = ir.Shape(dims)
 
 
+def _module_path(node: ir.Node) -> str | None:
+    """The PyTorch module a node came from ('language_model.model.layers.0.self_attn.q_proj'), from torch's metadata."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    modules = ast.literal_eval(scopes)[:-1]  # the last scope is the aten op
+    path = modules[-1] if modules and modules[-1] else ""
+    if path.startswith("_"):  # torch's placeholder for ops outside any module
+        return ""
+    return path.removeprefix("model.").removeprefix("model") if path.startswith("model") else path
+
+
+def name_nodes(graph: ir.Graph) -> None:
+    """Hierarchical node names ('/language_model/model/layers.0/self_attn/q_proj/MatMul'), as onnxruntime-genai writes
+    them; initializers get TinyGPTV's state-dict names, MatMul weights the parameter they hold transposed
+    ('language_model.model.layers.0.self_attn.q_proj.weight', stored [in, out])."""
+    for value in list(graph.initializers.values()):
+        new = value.name.removeprefix("model.")
+        if value.name.startswith("model.") and new not in graph.initializers:
+            value.name = new
+    used: dict[str, int] = {}
+    for node in graph:
+        path = _module_path(node)
+        if path is None:
+            continue
+        parts = re.sub(r"\.(\d+)(?=\.|$)", r"%\1", path).split(".") if path else []
+        base = "/" + "/".join(p.replace("%", ".") for p in parts) + "/" + node.op_type if parts else "/" + node.op_type
+        count = used.get(base, 0)
+        used[base] = count + 1
+        node.name = base if count == 0 else f"{base}_{count}"
+        if node.op_type == "MatMul" and path and len(node.inputs) == 2:
+            weight = node.inputs[1]
+            if weight is not None and weight.is_initializer() and weight.name.startswith("val_"):
+                new = f"{path}.weight"
+                if new not in graph.initializers:
+                    weight.name = new
+
+
 @contextlib.contextmanager
 def _quiet(*names: str):
     """Raise these loggers to WARNING for the duration (onnx_ir logs every deduplicated initializer at INFO)."""
@@ -209,6 +249,7 @@ def export_graph(model: TinyGPTV, name: str, path: str | Path, seed: int = 0) ->
         )
     logger.debug(chatter.getvalue())
     name_axes(program.model.graph, spec)
+    name_nodes(program.model.graph)
     path = Path(path)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     large = size > TWO_GB * 0.9  # the protobuf limit counts the graph too; leave a margin

@@ -51,6 +51,7 @@ class ExportOptions:
     block_size: int = 32
     calib_samples: int = 32
     vision_precision: str | None = None  # None: fp32 for int4, else the same as `precision`
+    gptq_checkpoint: str | None = None  # a `python -m export.gptq` folder: pack its integers instead of quantizing
     validate: bool = True
     seed: int = 0
 
@@ -175,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
     quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
     quant.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration sequences")
+    quant.add_argument("--gptq-checkpoint", help="int4 from this python -m export.gptq folder (same integers)")
     quant.add_argument("--vision-precision", choices=("fp32", "fp16", "int8"), help="vision graph (default: see above)")
     other = parser.add_argument_group("other")
     other.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size,
                             calib_samples=args.calib_samples, vision_precision=args.vision_precision,
+                            gptq_checkpoint=args.gptq_checkpoint,
                             validate=not args.no_validate, seed=args.seed)  # fmt: skip
     try:
         manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer)

@@ -1,0 +1,157 @@
+"""Lower-precision graphs: int4 decoder (MatMulNBits: RTN, HQQ, GPTQ), fp16 and int8 for the vision and decoder graphs.
+
+    entry = quantize_graphs(folder, model, tokenizer, options)   # rewrites folder/*.onnx in place; returns the manifest entry
+
+int4 (decoder only): every MatMul with a constant weight, lm_head included, becomes onnxruntime's MatMulNBits with
+blocks of `block_size` input channels, each block with its own scale and zero point (asymmetric), through
+`onnxruntime.quantization.matmul_nbits_quantizer`:
+  - rtn   round to nearest per block (DefaultWeightOnlyQuantConfig, onnxruntime's C++ blockwise quantizer);
+  - hqq   half-quadratic quantization: scales and zero points fitted to the weight without data;
+  - gptq  GPTQ with a CalibrationDataReader of multimodal sequences (export.calibration): Hessians of each MatMul's
+          input measured on image + prompt + answer inputs_embeds, then column-by-column error compensation.
+  A GPTQ checkpoint from `python -m export.gptq` can be packed instead (`--gptq-checkpoint`), keeping its exact
+  integers (export.gptq.pack_matmulnbits).
+`accuracy_level` 4 lets MatMulNBits compute with int8 activations (onnxruntime-genai's CPU default; faster, a little
+less exact); 0 computes in fp32 on the dequantized weights.
+fp16: weights and arithmetic in fp16, inputs and outputs kept fp32 (onnxruntime.transformers.float16).
+int8: dynamic quantization of the MatMul weights (per-channel int8, activations quantized per call).
+The embedding graph (a table lookup) always stays fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from core.model import TinyGPTV
+from core.tokenizer import TextTokenizer
+from export.graphs import TWO_GB
+
+logger = logging.getLogger(__name__)
+
+INT4_ACCURACY_LEVEL = 4
+
+
+def save_model(proto: onnx.ModelProto, path: Path) -> None:
+    """Save over `path`, with one external data file beside it when the model is over 2 GB."""
+    for stale in path.parent.glob(path.name + ".data"):
+        stale.unlink()
+    large = proto.ByteSize() > TWO_GB * 0.9 if not _has_external(proto) else True
+    onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)  # fmt: skip
+
+
+def _has_external(proto: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)
+
+
+def to_fp16(path: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    save_model(convert_float_to_float16(_load(path), keep_io_types=True, disable_shape_infer=True), path)
+
+
+def to_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.stem + ".int8.onnx")
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True, use_external_data_format=path.stat().st_size > TWO_GB * 0.9)  # fmt: skip
+    proto = _load(tmp)
+    for f in path.parent.glob(tmp.name + "*"):
+        f.unlink()
+    save_model(proto, path)
+
+
+def int4_config(method: str, block_size: int, reader=None):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if method == "rtn":
+        return mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False,
+                                                accuracy_level=INT4_ACCURACY_LEVEL)  # fmt: skip
+    if method == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    if method == "gptq":
+        if reader is None:
+            raise ValueError("gptq needs a calibration data reader")
+        return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, percdamp=0.01, block_size=128)
+    raise ValueError(f"unknown int4 method {method!r}; choose rtn, hqq or gptq")
+
+
+def to_int4(path: Path, method: str, block_size: int, reader=None) -> dict[str, Any]:
+    """Rewrite `path`'s MatMuls as MatMulNBits (4 bits, `block_size`); returns what was quantized."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = _load(path)
+    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=False,
+                                     accuracy_level=INT4_ACCURACY_LEVEL,
+                                     algo_config=int4_config(method, block_size, reader))  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # the GPTQ path draws a progress bar on stdout
+        quantizer.process()
+    out = quantizer.model.model
+    if method in ("gptq", "hqq"):  # these paths leave accuracy_level unset; set it so every method computes alike
+        for node in out.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", INT4_ACCURACY_LEVEL))
+    left = [n.name for n in out.graph.node if n.op_type == "MatMul" and _const_weight(out, n)]
+    save_model(out, path)
+    return {"matmulnbits": sum(n.op_type == "MatMulNBits" for n in out.graph.node), "matmul_left_fp32": left}
+
+
+def _const_weight(proto: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    return node.input[1] in {t.name for t in proto.graph.initializer}
+
+
+def quantize_graphs(folder: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, options) -> dict[str, Any]:
+    """Apply `options` (export.onnx.ExportOptions) to the fp32 graphs in `folder`; the manifest's quantization entry."""
+    entry: dict[str, Any] = {"precision": options.precision, "vision": options.vision(), "embedding": "fp32"}
+    start = time.monotonic()
+    vision = folder / "vision.onnx"
+    if options.vision() == "fp16":
+        to_fp16(vision)
+    elif options.vision() == "int8":
+        to_int8(vision)
+    decoder = folder / "decoder.onnx"
+    if options.precision == "fp16":
+        to_fp16(decoder)
+        entry["decoder"] = {"method": "fp16", "bits": 16}
+    elif options.precision == "int8":
+        to_int8(decoder)
+        entry["decoder"] = {"method": "dynamic int8 (per-channel weights)", "bits": 8}
+    elif options.precision == "int4":
+        entry["decoder"] = int4_decoder(decoder, model, tokenizer, options)
+    else:
+        entry["decoder"] = {"method": None, "bits": 32}
+    entry["seconds"] = round(time.monotonic() - start, 1)
+    return entry
+
+
+def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, options) -> dict[str, Any]:
+    info: dict[str, Any] = {"bits": 4, "block_size": options.block_size, "symmetric": False,
+                            "accuracy_level": INT4_ACCURACY_LEVEL, "format": "MatMulNBits"}  # fmt: skip
+    if getattr(options, "gptq_checkpoint", None):
+        from export.gptq import pack_checkpoint_into
+
+        info.update(pack_checkpoint_into(path, options.gptq_checkpoint))
+        return info
+    reader = None
+    if options.quant == "gptq":
+        from export.calibration import DecoderCalibrationReader, describe, multimodal_sequences
+
+        logger.info("calibrating GPTQ on %d multimodal sequences", options.calib_samples)
+        sequences = multimodal_sequences(model, tokenizer, options.calib_samples, seed=options.seed)
+        reader = DecoderCalibrationReader(sequences, model.config)
+        info["calibration"] = describe(sequences)
+    info["method"] = options.quant
+    info.update(to_int4(path, options.quant, options.block_size, reader))
+    return info
