@@ -8,6 +8,8 @@
               apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
 --quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
+--gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
+The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
 The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
 without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
 Exit status 2 with one line on stderr on bad input (missing folder, existing --out, failed validation).
@@ -33,6 +35,7 @@ from core.model import TinyGPTV
 from core.tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError
 from core.weights import WEIGHTS_FILE, WeightsError
 from export.folder import ExportError, folder_size, refuse_existing, staging_folder
+from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
 from export.manifest import build_manifest, sha256_file, write_manifest
 from export.validate import validate_folder
@@ -139,6 +142,7 @@ def export_folder(
             logger.info("exporting %s graph", name)
             export_graph(model, name, tmp / GRAPH_FILES[name], seed=options.seed)
         quantization = quantize_folder(tmp, model, tokenizer, options)
+        write_genai_config(tmp, model.config)
         if tokenizer is not None:
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         validation: dict[str, Any] = {"skipped": True}

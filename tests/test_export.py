@@ -77,7 +77,9 @@ def test_manifest_describes_the_folder(tiny_model_dir, tiny_export_dir):
     cfg = TinyGPTV.from_pretrained(tiny_model_dir).config
     assert manifest["schema_version"] == 1
     assert manifest["source"]["checkpoint_sha256"] == sha256_file(tiny_model_dir / "model.safetensors")
-    assert manifest["files"] == {"tokenizer.json": sha256_file(tiny_export_dir / "tokenizer.json")}
+    assert manifest["files"] == {
+        name: sha256_file(tiny_export_dir / name) for name in ("genai_config.json", "tokenizer.json")
+    }
     assert manifest["decoder"] == {
         "kv_templates": {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
                          "present_key": "present.%d.key", "present_value": "present.%d.value"},
@@ -126,7 +128,7 @@ def test_refuses_existing_folder_and_force_replaces_it(tiny_model_dir, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     export_onnx.export_folder(out, tiny_model_dir, force=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "decoder.onnx", "embedding.onnx", "manifest.json", "tokenizer.json", "vision.onnx"]  # fmt: skip
+        "decoder.onnx", "embedding.onnx", "genai_config.json", "manifest.json", "tokenizer.json", "vision.onnx"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 
