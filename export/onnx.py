@@ -131,6 +131,8 @@ def export_folder(
         raise ExportError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if options.quant not in QUANT_METHODS or options.block_size not in BLOCK_SIZES:
         raise ExportError(f"--quant must be one of {QUANT_METHODS} and --block-size one of {BLOCK_SIZES}")
+    if options.gptq_checkpoint and options.precision != "int4":
+        raise ExportError(f"--gptq-checkpoint gives int4 weights; pass --precision int4 (not {options.precision})")
     refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
     start = time.monotonic()
     model_path = None
@@ -148,7 +150,12 @@ def export_folder(
         validation: dict[str, Any] = {"skipped": True}
         if options.validate:
             logger.info("validating against PyTorch")
-            validation = validate_folder(tmp, model, tokenizer, precision=options.precision, seed=options.seed)
+            reference, precision = model, options.precision
+            if options.gptq_checkpoint:  # the checkpoint's own weights are the reference: the same integers
+                from export.gptq import load_gptq_model
+
+                reference, precision = load_gptq_model(options.gptq_checkpoint), "int4-gptq-checkpoint"
+            validation = validate_folder(tmp, reference, tokenizer, precision=precision, seed=options.seed)
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
         source = _source(model, model_path, random_init=model_path is None)

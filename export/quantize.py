@@ -142,7 +142,7 @@ def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, o
     if getattr(options, "gptq_checkpoint", None):
         from export.gptq import pack_checkpoint_into
 
-        info.update(pack_checkpoint_into(path, options.gptq_checkpoint))
+        info.update(pack_checkpoint_into(path, options.gptq_checkpoint, INT4_ACCURACY_LEVEL))
         return info
     reader = None
     if options.quant == "gptq":
