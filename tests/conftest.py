@@ -62,3 +62,17 @@ def tiny_export_dir(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_export") / "fp32"
     export_folder(out, tiny_model_dir)
     return out
+
+
+@pytest.fixture
+def reuse_tiny_graphs(monkeypatch, tiny_export_dir):
+    """export.onnx's export_graph copies the session's fp32 graphs instead of tracing again (seconds, not a minute)."""
+    import shutil
+
+    from export import onnx as export_onnx
+    from export.graphs import GRAPH_FILES
+
+    def copy(model, name, path, seed=0):
+        shutil.copy(tiny_export_dir / GRAPH_FILES[name], path)
+
+    monkeypatch.setattr(export_onnx, "export_graph", copy)

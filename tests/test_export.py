@@ -18,7 +18,6 @@ from core.model import TinyGPTV
 from core.phi import position_ids_from_mask
 from export import onnx as export_onnx
 from export.folder import ExportError
-from export.graphs import GRAPH_FILES
 from export.manifest import ManifestError, check_manifest, sha256_file
 from export.validate import FP32_ATOL
 
@@ -109,17 +108,7 @@ def test_manifest_check_names_a_tampered_file(tiny_export_dir, tmp_path):
         check_manifest(copy)
 
 
-@pytest.fixture
-def reuse_graphs(monkeypatch, tiny_export_dir):
-    """export_graph copies the session's already exported graphs: the folder logic runs without re-tracing."""
-    monkeypatch.setattr(
-        export_onnx,
-        "export_graph",
-        lambda model, name, path, seed=0: shutil.copy(tiny_export_dir / GRAPH_FILES[name], path),
-    )
-
-
-def test_refuses_existing_folder_and_force_replaces_it(tiny_model_dir, tmp_path, reuse_graphs):
+def test_refuses_existing_folder_and_force_replaces_it(tiny_model_dir, tmp_path, reuse_tiny_graphs):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -132,7 +121,7 @@ def test_refuses_existing_folder_and_force_replaces_it(tiny_model_dir, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 
-def test_failed_validation_leaves_nothing(tiny_model_dir, tmp_path, reuse_graphs):
+def test_failed_validation_leaves_nothing(tiny_model_dir, tmp_path, reuse_tiny_graphs):
     """Graphs of the seed-0 model checked against a seed-1 model: fp32 validation fails, no folder appears."""
     torch.manual_seed(1)
     other = TinyGPTV(TinyGPTV.from_pretrained(tiny_model_dir).config).eval()

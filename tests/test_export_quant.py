@@ -1,0 +1,55 @@
+"""Lower precisions of the export folder: int4 decoder (RTN, GPTQ on multimodal calibration), int8 vision, fp16."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from export.onnx import ExportOptions, export_folder
+
+
+def _ops(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_int4_rtn_quantizes_every_decoder_matmul(tiny_model_dir, tmp_path, reuse_tiny_graphs):
+    manifest = export_folder(tmp_path / "int4", tiny_model_dir, ExportOptions(precision="int4", quant="rtn"))
+    decoder = manifest["quantization"]["decoder"]
+    assert decoder["matmulnbits"] == 13 and decoder["matmul_left_fp32"] == []  # 2 x 6 Linear + lm_head
+    assert (decoder["method"], decoder["bits"], decoder["block_size"], decoder["accuracy_level"]) == ("rtn", 4, 32, 4)
+    nodes = [n for n in onnx.load(str(tmp_path / "int4" / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in nodes[0].attribute if a.name in ("bits", "block_size", "K", "N")} == {
+        "bits": 4, "block_size": 32, "K": 64, "N": 64}  # fmt: skip
+    assert nodes[0].name == "/language_model/model/layers.0/self_attn/q_proj/MatMul_Q4"
+    validation = manifest["validation"]
+    logits = validation["real"]["outputs"]["logits"]
+    assert validation["passed"] and not validation["tolerance"]["enforced"]
+    assert 1e-4 < logits["max_abs_diff"] < 0.5 * logits["max_abs_ref"]  # quantized, yet close to fp32
+    assert validation["real"]["outputs"]["image_features"]["max_abs_diff"] < 1e-5  # vision untouched (fp32)
+
+
+def test_int4_gptq_is_calibrated_on_multimodal_sequences(tiny_model_dir, tmp_path, reuse_tiny_graphs):
+    options = ExportOptions(precision="int4", quant="gptq", calib_samples=4, vision_precision="int8")
+    manifest = export_folder(tmp_path / "gptq", tiny_model_dir, options)
+    quant = manifest["quantization"]
+    calibration = quant["decoder"]["calibration"]
+    assert calibration["sequences"] == 4 and set(calibration["tasks"]) == {"vqa", "caption", "refer", "identify"}
+    assert calibration["tokens"] > 4 * 8  # every sequence holds the 8 image vectors and more
+    assert quant["vision"] == "int8" and quant["decoder"]["matmulnbits"] == 13
+    assert _ops(tmp_path / "gptq" / "vision.onnx").get("MatMulInteger", 0) > 0
+    assert manifest["validation"]["real"]["outputs"]["image_features"]["max_abs_diff"] > 1e-4  # int8 vision differs
+
+
+@pytest.mark.parametrize("precision", ["fp16"])
+def test_fp16_keeps_float32_io_and_stays_close(tiny_model_dir, tmp_path, reuse_tiny_graphs, precision):
+    manifest = export_folder(tmp_path / precision, tiny_model_dir, ExportOptions(precision=precision))
+    decoder = manifest["graphs"]["decoder"]
+    assert {i["dtype"] for i in decoder["inputs"] if i["name"] != "attention_mask" and i["name"] != "position_ids"} == {
+        "float32"}  # fmt: skip
+    weights = onnx.load(str(tmp_path / precision / "decoder.onnx")).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    outputs = manifest["validation"]["real"]["outputs"]
+    assert outputs["logits"]["max_abs_diff"] < 5e-3 and outputs["image_features"]["max_abs_diff"] < 5e-3
