@@ -32,7 +32,18 @@ REPLACEMENT = "\ufffd"
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (0 where the platform does not say)."""
+    """This process's peak resident memory so far (0 where the platform does not say).
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own memory; getrusage's ru_maxrss is
+    not used there because it carries over across exec and would report the parent's size (a pytest full of torch).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -155,6 +166,7 @@ class DecodeLoop:
     def __init__(self, sessions: Sessions, cache: KVCache) -> None:
         d = sessions.manifest.decoder
         self.sessions, self.cache, self.spec = sessions, cache, d
+        self.image_token_id = sessions.manifest.image_token_id
         self.device = sessions.device_type
         B = cache.batch_size
         self.step_ids = np.zeros((B, 1), dtype=np.int64)  # [B, 1]
@@ -175,7 +187,7 @@ class DecodeLoop:
         cache, b = self.cache, self.decoder_binding
         new = row_masks.shape[1]
         mask = cache.extend_mask(row_masks)  # [rows, P+T]
-        positions = cache.positions(new)  # [rows, T]
+        positions = cache.positions(row_masks)  # [rows, T]
         b.bind_input("inputs_embeds", "cpu", 0, np.float32, embeds_shape, embeds_ptr)
         b.bind_cpu_input("attention_mask", mask)
         b.bind_cpu_input("position_ids", positions)
@@ -253,10 +265,12 @@ def run_tokens(
     rows, width = len(prompt_rows), max(len(r) for r in prompt_rows)
     start_len = cache.length if keep_cache else 0
     if start_len + width + max_new_tokens > cache.context:
+        longest = max(prompt_rows, key=len)
+        images = sum(1 for t in longest if t == loop.image_token_id)
         held = f"{start_len:,} tokens of conversation + " if start_len else ""
         raise ContextError(
-            f"{held}prompt {width:,} tokens (image tokens included) + max_new_tokens {max_new_tokens:,} "
-            f"= {start_len + width + max_new_tokens:,} > context {cache.context:,}; "
+            f"{held}prompt {width - images:,} text tokens + {images:,} image tokens + max_new_tokens "
+            f"{max_new_tokens:,} = {start_len + width + max_new_tokens:,} > context {cache.context:,}; "
             "shorten the prompt, lower --max-new-tokens or raise --context"
         )
     ids = np.full((rows, width), pad_id, dtype=np.int64)  # [rows, T]

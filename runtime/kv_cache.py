@@ -40,8 +40,15 @@ class KVCache:
         self.allocations = 0
         # buffers[side][layer] = (key, value), flat float32 of `capacity` elements
         self.buffers = [[(self._allocate(), self._allocate()) for _ in range(spec.num_layers)] for _side in range(2)]
+        self._pointers = [[(self.pointer(k), self.pointer(v)) for k, v in side] for side in self.buffers]
+        self._names = [
+            ((spec.past_key(i), spec.present_key(i)), (spec.past_value(i), spec.present_value(i)))
+            for i in range(spec.num_layers)
+        ]
         # the attention mask of every slot so far: 1 = a real token, 0 = left padding
         self.mask = np.zeros((batch_size, context), dtype=np.int64)  # [B, C]
+        self.counts = np.zeros(batch_size, dtype=np.int64)  # real tokens per row so far
+        self._next_counts = self.counts[:0]
         self.side = 0  # the side holding `past`
         self.length = 0  # P: tokens in the cache
         self.rows = batch_size  # rows in use (<= batch_size)
@@ -82,6 +89,7 @@ class KVCache:
             raise ContextError(f"{rows} rows do not fit a cache planned for batch {self.batch_size}")
         self.rows, self.length, self.side, self.owner = rows, 0, 0, owner
         self.mask.fill(0)
+        self.counts.fill(0)
 
     def extend_mask(self, row_masks: np.ndarray) -> np.ndarray:
         """Append T mask columns [rows, T] for the next step; returns the step's attention_mask [rows, P+T]."""
@@ -93,30 +101,31 @@ class KVCache:
         self.mask[: self.rows, self.length : self.length + new] = row_masks
         return np.ascontiguousarray(self.mask[: self.rows, : self.length + new])  # [rows, P+T]
 
-    def positions(self, new: int) -> np.ndarray:
-        """position_ids [rows, T] of the last `new` slots: real tokens counted from 0, left padding at 0 (as core)."""
-        total = self.mask[: self.rows, : self.length + new]  # [rows, P+T]
-        return np.maximum(np.cumsum(total, axis=1) - 1, 0)[:, -new:].astype(np.int64)  # [rows, T]
+    def positions(self, row_masks: np.ndarray) -> np.ndarray:
+        """position_ids [rows, T] for the next T slots: real tokens counted from 0, left padding at 0 (as core).
+
+        The new counts take effect in `advance`, so a step that never ran leaves the cache as it was.
+        """
+        counted = self.counts[: self.rows, None] + np.cumsum(row_masks, axis=1)  # [rows, T]
+        self._next_counts = counted[:, -1]
+        return np.maximum(counted - 1, 0).astype(np.int64)  # [rows, T]
 
     def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
         """Bind every layer's past (current side, P tokens) and present (other side, P+T tokens) by pointer."""
         spec, rows = self.spec, self.rows
         past_shape = [rows, spec.num_heads, self.length, spec.head_size]
         present_shape = [rows, spec.num_heads, self.length + new_tokens, spec.head_size]
-        src, dst = self.buffers[self.side], self.buffers[1 - self.side]
-        for layer in range(spec.num_layers):
-            for i, (past_name, present_name) in enumerate(
-                ((spec.past_key(layer), spec.present_key(layer)), (spec.past_value(layer), spec.present_value(layer)))
-            ):
-                binding.bind_input(past_name, self.device, 0, np.float32, past_shape, self.pointer(src[layer][i]))
-                binding.bind_output(
-                    present_name, self.device, 0, np.float32, present_shape, self.pointer(dst[layer][i])
-                )
+        src, dst = self._pointers[self.side], self._pointers[1 - self.side]
+        for layer, names in enumerate(self._names):
+            for i, (past_name, present_name) in enumerate(names):
+                binding.bind_input(past_name, self.device, 0, np.float32, past_shape, src[layer][i])
+                binding.bind_output(present_name, self.device, 0, np.float32, present_shape, dst[layer][i])
 
     def advance(self, new_tokens: int) -> None:
         """After a step ran: the present side becomes the past side."""
         self.side = 1 - self.side
         self.length += new_tokens
+        self.counts[: self.rows] = self._next_counts
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(key, value) of `layer` as [rows, H, P, hs] numpy views (CPU only; for tests and debugging)."""

@@ -1,0 +1,7 @@
+"""python -m runtime --model DIR --image IMG --prompt TEXT (see runtime/cli.py or --help)."""
+
+import sys
+
+from runtime.cli import main
+
+sys.exit(main())
