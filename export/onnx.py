@@ -55,6 +55,7 @@ class ExportOptions:
     calib_samples: int = 32
     vision_precision: str | None = None  # None: fp32 for int4, else the same as `precision`
     gptq_checkpoint: str | None = None  # a `python -m export.gptq` folder: pack its integers instead of quantizing
+    quality_samples: int = 0  # > 0: measure the quality row (export.quality) on this many held-out samples
     validate: bool = True
     seed: int = 0
 
@@ -124,8 +125,13 @@ def export_folder(
     preset: str | None = None,
     tokenizer_dir: str | Path | None = None,
     model: TinyGPTV | None = None,
+    graphs_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write the export folder `out`; returns its manifest. Raises ExportError, leaving nothing behind, on failure."""
+    """Write the export folder `out`; returns its manifest. Raises ExportError, leaving nothing behind, on failure.
+
+    `model` skips loading `model_dir` (which still names the source); `graphs_from` copies the fp32 graphs of an
+    earlier export of the same model instead of tracing them again.
+    """
     options = options or ExportOptions()
     if options.precision not in PRECISIONS:
         raise ExportError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -135,14 +141,18 @@ def export_folder(
         raise ExportError(f"--gptq-checkpoint gives int4 weights; pass --precision int4 (not {options.precision})")
     refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
     start = time.monotonic()
-    model_path = None
+    model_path = Path(model_dir) if model_dir else None
     if model is None:
         model, model_path = load_model(model_dir, preset, options.seed)
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:
-        for name in GRAPH_FILES:
+        for name, file in GRAPH_FILES.items():
+            if graphs_from:
+                for part in Path(graphs_from).glob(file + "*"):
+                    shutil.copy(part, tmp / part.name)
+                continue
             logger.info("exporting %s graph", name)
-            export_graph(model, name, tmp / GRAPH_FILES[name], seed=options.seed)
+            export_graph(model, name, tmp / file, seed=options.seed)
         quantization = quantize_folder(tmp, model, tokenizer, options)
         write_genai_config(tmp, model.config)
         if tokenizer is not None:
@@ -158,6 +168,12 @@ def export_folder(
             validation = validate_folder(tmp, reference, tokenizer, precision=precision, seed=options.seed)
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
+        quality = None
+        if options.quality_samples > 0 and tokenizer is not None:
+            from export.quality import measure_folder
+
+            logger.info("measuring quality on %d held-out samples", options.quality_samples)
+            quality = measure_folder(tmp, model, tokenizer, options.quality_samples)
         source = _source(model, model_path, random_init=model_path is None)
         manifest = build_manifest(
             tmp, model.config, quantization, validation, source, _exporter(time.monotonic() - start)
@@ -165,6 +181,8 @@ def export_folder(
         manifest["sizes"] = {"folder_bytes": folder_size(tmp)} | {
             f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()
         }
+        if quality is not None:
+            manifest["quality"] = quality | {"folder_bytes": manifest["sizes"]["folder_bytes"]}
         write_manifest(tmp, manifest)
     return manifest
 
@@ -192,6 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     other = parser.add_argument_group("other")
     other.add_argument("--force", action="store_true", help="replace an existing --out")
     other.add_argument("--no-validate", action="store_true", help="skip the PyTorch comparison (not recommended)")
+    other.add_argument(
+        "--quality-samples", type=int, default=32, help="held-out samples for the quality row in the manifest (0: skip)"
+    )
     other.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.random_init != (args.model is None) or (args.random_init and not args.preset):
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size,
                             calib_samples=args.calib_samples, vision_precision=args.vision_precision,
-                            gptq_checkpoint=args.gptq_checkpoint,
+                            gptq_checkpoint=args.gptq_checkpoint, quality_samples=args.quality_samples,
                             validate=not args.no_validate, seed=args.seed)  # fmt: skip
     try:
         manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer)
@@ -217,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     for case in ("random", "real"):
         for output, entry in manifest["validation"].get(case, {}).get("outputs", {}).items():
             print(f"  {case:6s} {output:15s} max abs diff {entry['max_abs_diff']:.2e}  rel {entry['max_rel_diff']:.2e}")
+    if "quality" in manifest:
+        from export.quality import format_table
+
+        print(format_table({args.precision: manifest["quality"]}))
     return 0
 
 

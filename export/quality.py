@@ -1,0 +1,215 @@
+"""What a precision costs: size, logit error, answer perplexity and accuracy of an export folder on held-out data.
+
+    row = measure_folder(folder, model, tokenizer, n=64)      # one row; export.onnx stores it as manifest["quality"]
+    python -m export.quality --model runs/demo/final --out exports/demo-quality [--samples 64] [--force]
+        exports fp32, fp16, int8, int4-rtn, int4-hqq, int4-gptq (onnxruntime's GPTQ) and int4-gptq-ckpt (export.gptq's
+        checkpoint packed as MatMulNBits) side by side (fp32 graphs traced once) and writes quality.md + quality.json.
+
+Held-out data: the synthetic world's "test" split (never seen in training or calibration). Per folder, run with its own
+vision, embedding and decoder graphs:
+  - max_logit_diff: largest |logit - PyTorch fp32 logit| over the teacher-forced evaluation sequences;
+  - answer_perplexity: exp(mean NLL of the answer tokens and their EOS), teacher-forced, mixed tasks;
+  - accuracy: greedy VQA answers (stage-4 template, EOS stop) equal to the reference answer, lower-cased and stripped
+    (the training package's evaluation replaces this where it exists);
+  - greedy_equal_pytorch: share of VQA prompts whose greedy tokens equal the PyTorch fp32 model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.model import TinyGPTV
+from core.phi import position_ids_from_mask
+from core.prompts import TEMPLATE_STAGE4, apply_template
+from core.tokenizer import TextTokenizer
+from export.calibration import decoder_feed, encode_samples, synthetic_samples
+from export.folder import folder_size
+from export.validate import open_session
+
+logger = logging.getLogger("export.quality")
+
+EVAL_SPLIT = "test"
+PERPLEXITY_TASKS = ("vqa", "caption", "refer", "identify")
+
+
+class FolderModel:
+    """The three graphs of an export folder, run with onnxruntime: enough for teacher forcing and greedy decoding."""
+
+    def __init__(self, folder: str | Path, cfg) -> None:
+        folder = Path(folder)
+        self.cfg = cfg
+        self.vision = open_session(folder / "vision.onnx")
+        self.embedding = open_session(folder / "embedding.onnx")
+        self.decoder = open_session(folder / "decoder.onnx")
+
+    def embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+        (features,) = self.vision.run(None, {"pixel_values": pixel_values})  # [1, N, D]
+        self.features = features
+        return self.embedding.run(None, {"input_ids": input_ids, "image_features": features})[0]  # [1, T, D]
+
+    def logits(self, embeds: np.ndarray) -> np.ndarray:
+        return self.decoder.run(["logits"], decoder_feed(embeds, self.cfg))[0]  # [1, T, V]
+
+    def greedy(self, prompt: list[int], pixel_values: np.ndarray, max_new_tokens: int) -> list[int]:
+        ids = np.array([prompt], np.int64)
+        embeds = self.embeds(ids, pixel_values)
+        feed = decoder_feed(embeds, self.cfg)
+        names = [i.name for i in self.decoder.get_inputs()]
+        tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            logits, *present = self.decoder.run(None, feed)
+            step = logits[0, -1].copy()
+            step[self.cfg.prompt.image_token_id] = -np.inf  # an image id never stands for text
+            token = int(step.argmax())
+            if token == self.cfg.language_model.eos_token_id:
+                break
+            tokens.append(token)
+            mask = np.concatenate([feed["attention_mask"], np.ones((1, 1), np.int64)], axis=1)
+            step_embeds = self.embedding.run(None, {"input_ids": np.array([[token]]), "image_features": self.features})[
+                0
+            ]
+            positions = position_ids_from_mask(torch.from_numpy(mask), 1).numpy()
+            feed = dict(zip(names, [step_embeds, mask, positions, *present]))
+        return tokens
+
+
+def _normalise(text: str) -> str:
+    return text.strip().lower().rstrip(".").strip()
+
+
+def measure_folder(folder: str | Path, model: TinyGPTV, tokenizer: TextTokenizer, n: int = 64) -> dict[str, Any]:
+    """One row of the quality table for `folder`, against the fp32 PyTorch `model` on n held-out samples per metric."""
+    start = time.monotonic()
+    folder = Path(folder)
+    cfg = model.config
+    onnx_model = FolderModel(folder, cfg)
+    mixed = encode_samples(model, tokenizer, synthetic_samples(EVAL_SPLIT, n, PERPLEXITY_TASKS))
+    nll, count, worst = 0.0, 0, 0.0
+    for seq in mixed:
+        logits = onnx_model.logits(onnx_model.embeds(seq.input_ids, seq.pixel_values))  # [1, T, V]
+        with torch.no_grad():
+            feed = decoder_feed(seq.inputs_embeds, cfg)
+            ref, _ = model.decode(
+                *(torch.from_numpy(feed[k]) for k in ("inputs_embeds", "attention_mask", "position_ids"))
+            )
+        worst = max(worst, float(np.abs(logits - ref.numpy()).max()))
+        targets = seq.labels[0, 1:]  # the logit at t predicts token t+1
+        keep = targets != -100
+        log_probs = torch.log_softmax(torch.from_numpy(logits[0, :-1]).double(), -1).numpy()
+        nll -= float(log_probs[np.arange(len(targets))[keep], targets[keep]].sum())
+        count += int(keep.sum())
+    correct = equal = 0
+    vqa = synthetic_samples(EVAL_SPLIT, n, ("vqa",))
+    for sample in vqa:
+        prompt = apply_template(sample.turns[0].instruction, TEMPLATE_STAGE4)
+        ids = tokenizer.encode_prompt(prompt, 1, cfg.num_image_tokens)
+        pixels = encode_samples(model, tokenizer, [sample])[0].pixel_values
+        budget = len(tokenizer.encode(sample.turns[0].answer)) + 4
+        tokens = onnx_model.greedy(ids, pixels, budget)
+        reference = model.generate([ids], pixel_values=torch.from_numpy(pixels), max_new_tokens=budget).tokens[0]
+        equal += tokens == reference
+        correct += _normalise(tokenizer.decode(tokens)) == _normalise(sample.turns[0].answer)
+    return {
+        "folder_bytes": folder_size(folder),
+        "decoder_bytes": sum(p.stat().st_size for p in folder.glob("decoder.onnx*")),
+        "max_logit_diff": worst,
+        "answer_perplexity": float(np.exp(nll / max(count, 1))),
+        "accuracy": correct / len(vqa),
+        "greedy_equal_pytorch": equal / len(vqa),
+        "samples": {
+            "perplexity_sequences": len(mixed),
+            "answer_tokens": count,
+            "vqa_questions": len(vqa),
+            "split": EVAL_SPLIT,
+        },  # fmt: skip
+        "seconds": round(time.monotonic() - start, 1),
+    }
+
+
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of quality rows keyed by variant name; ratios against the fp32 row when there is one."""
+    base = rows.get("fp32")
+    lines = ["| variant | folder MB | decoder MB | decoder / fp32 | max logit diff | answer ppl | accuracy | "
+             "acc / fp32 | greedy = PyTorch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, row in rows.items():
+        size_ratio = row["decoder_bytes"] / base["decoder_bytes"] if base else float("nan")
+        acc_ratio = row["accuracy"] / base["accuracy"] if base and base["accuracy"] else float("nan")
+        lines.append(f"| {name} | {row['folder_bytes'] / 1e6:.2f} | {row['decoder_bytes'] / 1e6:.2f} | {size_ratio:.3f} | "
+                     f"{row['max_logit_diff']:.2e} | {row['answer_perplexity']:.4f} | {row['accuracy']:.3f} | "
+                     f"{acc_ratio:.3f} | {row['greedy_equal_pytorch']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+VARIANTS = {  # name -> export.onnx options
+    "fp32": {"precision": "fp32"},
+    "fp16": {"precision": "fp16"},
+    "int8": {"precision": "int8"},
+    "int4-rtn": {"precision": "int4", "quant": "rtn"},
+    "int4-hqq": {"precision": "int4", "quant": "hqq"},
+    "int4-gptq": {"precision": "int4", "quant": "gptq"},
+    "int4-gptq-ckpt": {"precision": "int4", "quant": "gptq", "gptq_checkpoint": "CHECKPOINT"},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="model folder (config.json + model.safetensors + tokenizer.json)"
+    )
+    parser.add_argument("--out", required=True, help="folder for one export per variant, quality.md and quality.json")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--samples", type=int, default=64, help="held-out samples per metric")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=32, choices=(32, 64, 128))
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from export.folder import ExportError, refuse_existing
+    from export.gptq import gptq_export
+    from export.onnx import ExportOptions, export_folder, load_model, load_tokenizer
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    out = Path(args.out)
+    try:
+        if unknown:
+            raise ExportError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        refuse_existing(out, args.force)
+        model, model_dir = load_model(args.model)
+        tokenizer = load_tokenizer(model, model_dir, None)
+        out.mkdir(parents=True, exist_ok=True)
+        rows, graphs = {}, None
+        for name in ["fp32", *[v for v in variants if v != "fp32"]]:
+            options = dict(VARIANTS[name])
+            if options.get("gptq_checkpoint"):
+                options["gptq_checkpoint"] = str(out / "gptq-checkpoint")
+                gptq_export(model, tokenizer, options["gptq_checkpoint"], group_size=args.block_size,
+                            calib_samples=args.calib_samples, force=True, tokenizer_file=model_dir / "tokenizer.json")  # fmt: skip
+            opts = ExportOptions(block_size=args.block_size, calib_samples=args.calib_samples,
+                                 quality_samples=args.samples, **options)  # fmt: skip
+            manifest = export_folder(out / name, model_dir, opts, force=True, model=model, graphs_from=graphs)
+            graphs = graphs or out / "fp32"
+            if name in variants:
+                rows[name] = manifest["quality"]
+                logger.info("%s: %s", name, json.dumps(rows[name]))
+    except (ExportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = format_table(rows)
+    (out / "quality.md").write_text(table)
+    (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
