@@ -101,6 +101,12 @@ class Pipeline:
                 f"{manifest.folder}: the manifest writes the image as {manifest.prompt.image_text!r} / "
                 f"{manifest.prompt.placeholder!r}; this runtime builds prompts with {IMAGE_TEXT!r}"
             )
+        kv = manifest.graphs["decoder"].input(manifest.decoder.past_key(0))
+        if kv is not None and kv.dtype != "float32":
+            raise ManifestError(
+                f"{manifest.folder}: the decoder's KV cache is {kv.dtype}; this runtime keeps a float32 cache "
+                "(export with fp32 inputs and outputs, as every precision of export.onnx does)"
+            )
         if verify:
             manifest.verify()
         tokenizer = TextTokenizer.from_dir(
