@@ -242,6 +242,24 @@ class RunState:
         self.reasons = ["length"] * self.rows
 
 
+def check_context(
+    loop: DecodeLoop, prompt_rows: Sequence[Sequence[int]], max_new_tokens: int, keep_cache: bool = False
+) -> None:
+    """ContextError, with each number, when the cache cannot hold the prompt and max_new_tokens more tokens."""
+    cache = loop.cache
+    width = max(len(r) for r in prompt_rows)
+    start_len = cache.length if keep_cache else 0
+    if start_len + width + max_new_tokens > cache.context:
+        longest = max(prompt_rows, key=len)
+        images = sum(1 for t in longest if t == loop.image_token_id)
+        held = f"{start_len:,} tokens of conversation + " if start_len else ""
+        raise ContextError(
+            f"{held}prompt {width - images:,} text tokens + {images:,} image tokens + max_new_tokens "
+            f"{max_new_tokens:,} = {start_len + width + max_new_tokens:,} > context {cache.context:,}; "
+            "shorten the prompt, lower --max-new-tokens or raise --context"
+        )
+
+
 def run_tokens(
     loop: DecodeLoop,
     prompt_rows: Sequence[Sequence[int]],
@@ -263,16 +281,7 @@ def run_tokens(
     """
     cache = loop.cache
     rows, width = len(prompt_rows), max(len(r) for r in prompt_rows)
-    start_len = cache.length if keep_cache else 0
-    if start_len + width + max_new_tokens > cache.context:
-        longest = max(prompt_rows, key=len)
-        images = sum(1 for t in longest if t == loop.image_token_id)
-        held = f"{start_len:,} tokens of conversation + " if start_len else ""
-        raise ContextError(
-            f"{held}prompt {width - images:,} text tokens + {images:,} image tokens + max_new_tokens "
-            f"{max_new_tokens:,} = {start_len + width + max_new_tokens:,} > context {cache.context:,}; "
-            "shorten the prompt, lower --max-new-tokens or raise --context"
-        )
+    check_context(loop, prompt_rows, max_new_tokens, keep_cache)
     ids = np.full((rows, width), pad_id, dtype=np.int64)  # [rows, T]
     row_masks = np.zeros((rows, width), dtype=np.int64)  # [rows, T]
     for i, row in enumerate(prompt_rows):

@@ -39,6 +39,7 @@ from runtime.generate import (
     RunState,
     TextStream,
     Timings,
+    check_context,
     peak_rss_bytes,
     run_tokens,
 )
@@ -51,21 +52,20 @@ logger = logging.getLogger(__name__)
 
 
 class Stream:
-    """Iterate for text pieces; `.result` holds the GenerationResult once iteration ends (or is abandoned)."""
+    """Iterate (once) for text pieces; `.result` holds the GenerationResult once iteration ends or is broken off."""
 
-    def __init__(self, steps: Callable[[], Iterator[str]]) -> None:
+    def __init__(self, steps: Iterator[str]) -> None:
         self._steps = steps
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        return self._steps()
+        return self._steps
 
     @property
     def text(self) -> str:
         """Run to the end (if not done) and return the whole text."""
-        if self.result is None:
-            for _ in self:
-                pass
+        for _ in self._steps:
+            pass
         return self.result.text if self.result else ""
 
 
@@ -210,14 +210,16 @@ class Pipeline:
         seen: list[list[int]] | None = None,
         on_end: Callable[[RunState], None] | None = None,
     ) -> Stream:
+        # everything that can be refused is checked now, before the caller starts iterating
+        start = time.perf_counter()
+        check_context(self.loop, rows, max_new_tokens, keep_cache)
+        timings = Timings()
+        feats = features
+        if image is not None:
+            feats, timings.preprocess_s, timings.vision_s = self.encode_images([image])
         holder: list[Stream] = []
 
         def steps() -> Iterator[str]:
-            start = time.perf_counter()
-            timings = Timings()
-            feats = features
-            if image is not None:
-                feats, timings.preprocess_s, timings.vision_s = self.encode_images([image])
             text = TextStream(self.tokenizer, stops)
             state = RunState(rows=1)
             finished = False
@@ -238,7 +240,7 @@ class Pipeline:
                 if on_end is not None:
                     on_end(state)
 
-        holder.append(Stream(steps))
+        holder.append(Stream(steps()))
         return holder[0]
 
     def _result(
@@ -269,6 +271,7 @@ class Pipeline:
             start = time.perf_counter()
             timings = Timings()
             rows = [self.prompt_ids(prompt, image is not None) for image, prompt in chunk]
+            check_context(self.loop, rows, max_new_tokens)
             feats, timings.preprocess_s, timings.vision_s = self.encode_images([image for image, _ in chunk])
             streams = [TextStream(self.tokenizer, stops) for _ in chunk]
             state = RunState(rows=len(chunk))

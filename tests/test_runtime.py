@@ -199,3 +199,18 @@ def test_no_torch_in_the_runtime_process(tiny_export_dir, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_api_refuses_bad_input_at_the_call_not_at_the_first_piece(pipe, tmp_path):
+    from core.image import ImageError
+    from runtime.errors import ContextError, RuntimeInputError
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png: the file is empty"):
+        pipe.stream(tmp_path / "empty.png", "[vqa] what?")
+    with pytest.raises(ContextError, match=r"max_new_tokens 300 = \d+ > context 256"):
+        pipe.stream(None, "[vqa] what?", max_new_tokens=300)
+    with pytest.raises(RuntimeInputError, match="max_new_tokens must be a positive integer, got 0"):
+        pipe.generate(None, "[vqa] what?", max_new_tokens=0)
+    with pytest.raises(ContextError, match="256"):
+        pipe.generate_batch([(None, "a"), (None, "b " * 300)], max_new_tokens=4)
