@@ -181,9 +181,13 @@ def plan_memory(
     load_transient = max((sizes.get(f, 0) for f in graph_files), default=0)
     kv_per_token = 2 * 2 * d.num_layers * d.num_heads * d.head_size * FLOAT_BYTES * batch_size
     activations = _decoder_activations(manifest, context, batch_size) + _vision_activations(manifest, batch_size)
-    bits = manifest.quantization.get("bits") if isinstance(manifest.quantization, dict) else None
-    # int4 with a float scale per 32 weights is ~4.5 bits; embeddings and norms stay float (about 1/8 of the weights)
-    weights_int4 = weights if bits in (4, "4") else int(weights * (0.125 + 0.875 * 4.5 / 32))
+    q = manifest.quantization if isinstance(manifest.quantization, dict) else {}
+    dec_q = q.get("decoder") if isinstance(q.get("decoder"), dict) else {}
+    already_int4 = q.get("precision") == "int4" or q.get("bits") == 4 or dec_q.get("bits") == 4
+    # export.onnx's int4 quantizes the decoder's MatMuls: ~4.5 bits with a float scale per 32 weights; norms and
+    # biases stay float (about 1/8 of the decoder); the vision and embedding graphs keep their precision
+    decoder_bytes = sizes.get(manifest.graphs["decoder"].file, 0)
+    weights_int4 = weights if already_int4 else int(weights - decoder_bytes * 0.875 * (1 - 4.5 / 32))
     plan = MemoryPlan(
         budget=parse_bytes(budget),
         provider=provider,

@@ -262,3 +262,17 @@ def test_stream_holds_back_a_possible_stop_string_and_cuts_at_it(byte_tokenizer)
     assert "".join(pieces[: ids.index(byte_tokenizer.encode("#")[0]) + 1]) == "red "  # '#' held back until 'a'
     pieces, tail, stream = stream_pieces(byte_tokenizer, byte_tokenizer.encode("ends with ##"), stops=("###",))
     assert not stream.stopped and "".join(pieces) == "ends with " and tail == "##"
+
+
+def test_int4_is_suggested_when_only_smaller_weights_would_fit(tmp_path):
+    folder, manifest = fake_export(tmp_path / "x", context=256)
+    with open(folder / "decoder.onnx", "r+b") as f:  # a sparse 400 MiB decoder: the plan reads sizes only
+        f.truncate(400 << 20)
+    plan = plan_memory(read_manifest(folder), budget="512MB")
+    assert plan.largest_context == 0 and plan.weights_int4 < 110 << 20
+    with pytest.raises(BudgetError, match=r"would fit: an int4 export \(about 9\d\.\d MiB of weights\)"):
+        plan.check()
+    manifest["quantization"] = {"precision": "int4", "decoder": {"bits": 4}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BudgetError, match="nothing smaller fits, raise --memory-budget"):
+        plan_memory(read_manifest(folder), budget="512MB").check()
