@@ -83,3 +83,22 @@ def test_merge_keeps_the_function_and_the_plain_names():
     merged = model(ids, torch.ones_like(ids), pixel_values=pixels)["logits"]
     assert set(model.state_dict()) == plain_names
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+
+
+def test_qlora_puts_adapters_on_4bit_layers_or_says_what_is_missing():
+    from training.lora import QLoraUnavailable, quantize_language_model
+
+    model = TinyGPTV(ModelConfig.preset("tiny"))
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(QLoraUnavailable, match="QLoRA needs bitsandbytes.*train without --qlora"):
+            quantize_language_model(model)
+        return
+    assert quantize_language_model(model) == 12  # q/k/v/dense/fc1/fc2 x 2 layers
+    model.to("cpu")  # bitsandbytes packs the weights when they move (accelerate's prepare does this in training)
+    add_lora(model, StageConfig.preset("stage2", "tiny").lora)
+    assert set_trainable(model)["lora"] == 4096
+    ids = torch.tensor([[0, 5, *[127] * 8, 6, 7]])
+    model(ids, torch.ones_like(ids), labels=ids, pixel_values=torch.randn(1, 3, 32, 32))["loss"].backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)

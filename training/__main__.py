@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")  # fmt: skip
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--qlora", action="store_true", help="4-bit (bitsandbytes NF4) language model under the LoRA")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--demo-images", type=int, default=DEMO_TRAIN_IMAGES, help="synthetic training images (demo data)")
@@ -121,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     from training.loop import RunOptions, make_accelerator, train_stage
     from training.pipeline import build_stage_model, load_tokenizer, model_config, stage_batches, write_final
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     options = RunOptions(precision=args.precision, cpu=args.cpu)
     accelerator = make_accelerator(options)
     main = accelerator.is_main_process

@@ -1,4 +1,4 @@
-"""The one training loop of all four stages, on accelerate: CPU, one GPU, DDP (or FSDP) across GPUs and nodes.
+"""The one training loop of all four stages, on accelerate: CPU, one GPU, DDP across GPUs and nodes.
 
     result = train_stage(model, stage, batches, collator, out_dir)                 # resume=True continues a run
     accelerate launch --num_processes 8 -m training --preset tinygptv --stage 4 ... # 8 GPUs, DDP
@@ -222,6 +222,12 @@ def train_stage(
 
     out_dir = Path(out_dir)
     accelerator = accelerator or make_accelerator(options)
+    if str(accelerator.distributed_type).endswith("FSDP"):
+        # Untested here (no GPUs) and not needed for memory: the frozen 3.7 B parameters take 7.5 GB in bf16 on every
+        # GPU, the 55 M trainable ones and their AdamW state 0.9 GB. Refuse rather than write unreadable checkpoints.
+        raise NotImplementedError(
+            "FSDP checkpoints are not implemented; launch with DDP (accelerate launch --multi_gpu)"
+        )
     rank, world = accelerator.process_index, accelerator.num_processes
     frozen_dtype = _resolve_frozen_dtype(options, accelerator)
     if frozen_dtype is not None:

@@ -111,8 +111,8 @@ QLORA_LAYERS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 def quantize_language_model(model: nn.Module, compute_dtype=None) -> int:
     """QLoRA: the language model's frozen linear layers as bitsandbytes 4-bit NF4 (double quantization). Returns how many.
 
-    Call before `add_lora`; peft then puts its adapters on the 4-bit layers. The weights are quantized when the model
-    moves to the GPU. The final merge never uses these 4-bit weights: `write_final` rebuilds the model in fp32 from the
+    Call before `add_lora`; peft then puts its adapters on the 4-bit layers. bitsandbytes packs the weights when the
+    model moves (`.to(device)`, which accelerate's `prepare` does). The final merge never uses these 4-bit weights: `write_final` rebuilds the model in fp32 from the
     base folders and the trainable tensors.
     """
     try:
