@@ -111,7 +111,7 @@ def _exporter(seconds: float) -> dict[str, Any]:
 def quantize_folder(folder: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, options: ExportOptions):
     """Rewrite the fp32 graphs in `folder` to the requested precision; returns the manifest's quantization entry."""
     if options.precision == "fp32" and options.vision() == "fp32":
-        return {"precision": "fp32", "method": None, "bits": 32}
+        return {"precision": "fp32", "vision": "fp32", "embedding": "fp32", "decoder": {"method": None, "bits": 32}}
     from export.quantize import quantize_graphs  # onnxruntime.quantization is slow to import; only when needed
 
     return quantize_graphs(folder, model, tokenizer, options)

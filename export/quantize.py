@@ -27,15 +27,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from core.model import TinyGPTV
 from core.tokenizer import TextTokenizer
-from export.graphs import TWO_GB
+from export.graphs import TWO_GB, quiet_loggers
 
 logger = logging.getLogger(__name__)
 
 INT4_ACCURACY_LEVEL = 4
+QUANTIZER_LOGGERS = ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:
@@ -73,6 +76,62 @@ def to_int8(path: Path) -> None:
     save_model(proto, path)
 
 
+def _tensor(t: onnx.TensorProto, base: Path) -> np.ndarray:
+    """An initializer's values; external data is memory-mapped, not read, so a 10 GB file costs no RAM until used."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.memmap(
+        base / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(t.dims)
+    )
+
+
+def to_int4_rtn(path: Path, block_size: int, accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict[str, Any]:
+    """RTN int4 one weight at a time (onnxruntime's C++ block quantizer, asymmetric), streaming from external data.
+
+    The same arithmetic as MatMulNBitsQuantizer's DefaultWeightOnlyQuantConfig, but never more than one fp32 weight in
+    memory: a Phi-2-size decoder (11 GB of fp32 weights) quantizes in about 0.5 GB of RAM plus its int4 result.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import quantize_matmul_4bits
+
+    proto = onnx.load(str(path), load_external_data=False)
+    base = path.parent
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes, count = [], 0
+    for node in proto.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        K, N = weight.dims
+        blocks = -(-K // block_size)
+        fp32 = np.zeros((blocks * block_size, N), np.float32)
+        fp32[:K] = _tensor(weight, base)  # [K, N], zero-padded to whole blocks
+        packed = np.zeros((N, blocks, block_size // 2), np.uint8)
+        scales = np.zeros((N, blocks), np.float32)
+        zeros = np.zeros((N, -(-blocks // 2)), np.uint8)
+        quantize_matmul_4bits(packed, fp32, scales, zeros, block_size, N, K, False)
+        stem = weight.name.removesuffix(".weight")
+        new = [numpy_helper.from_array(packed, f"{stem}.qweight"), numpy_helper.from_array(scales.reshape(-1), f"{stem}.scales"),
+               numpy_helper.from_array(zeros.reshape(-1), f"{stem}.qzeros")]  # fmt: skip
+        proto.graph.initializer.extend(new)
+        proto.graph.initializer.remove(weight)
+        nodes.append(onnx.helper.make_node(
+            "MatMulNBits", [node.input[0], *(t.name for t in new)], list(node.output), name=node.name + "_Q4",
+            domain="com.microsoft", K=K, N=N, bits=4, block_size=block_size, accuracy_level=accuracy_level))  # fmt: skip
+        count += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    for t in proto.graph.initializer:  # the fp32 rest (norms, biases) comes into memory before the old file goes
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(np.array(_tensor(t, base)), t.name))
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    save_model(proto, path)
+    return {"matmulnbits": count, "matmul_left_fp32": []}
+
+
 def int4_config(method: str, block_size: int, reader=None):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -96,7 +155,8 @@ def to_int4(path: Path, method: str, block_size: int, reader=None) -> dict[str, 
     quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=False,
                                      accuracy_level=INT4_ACCURACY_LEVEL,
                                      algo_config=int4_config(method, block_size, reader))  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):  # the GPTQ path draws a progress bar on stdout
+    chatter = io.StringIO()  # the GPTQ path draws a progress bar on stdout; the quantizer logs every node at INFO
+    with contextlib.redirect_stdout(chatter), quiet_loggers(*QUANTIZER_LOGGERS):
         quantizer.process()
     out = quantizer.model.model
     if method in ("gptq", "hqq"):  # these paths leave accuracy_level unset; set it so every method computes alike
@@ -153,5 +213,8 @@ def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, o
         reader = DecoderCalibrationReader(sequences, model.config)
         info["calibration"] = describe(sequences)
     info["method"] = options.quant
-    info.update(to_int4(path, options.quant, options.block_size, reader))
+    if options.quant == "rtn":
+        info.update(to_int4_rtn(path, options.block_size))
+    else:
+        info.update(to_int4(path, options.quant, options.block_size, reader))
     return info

@@ -14,9 +14,9 @@ from export.quality import PERPLEXITY_TASKS, format_table, measure_folder
 def test_fp32_quality_row_matches_pytorch(tiny_model_dir, tiny_export_dir):
     model = TinyGPTV.from_pretrained(tiny_model_dir)
     tokenizer = model.load_tokenizer(tiny_model_dir)
-    row = measure_folder(tiny_export_dir, model, tokenizer, n=3)
+    row = measure_folder(tiny_export_dir, model, tokenizer, n=2)
     nll, count = 0.0, 0
-    for seq in encode_samples(model, tokenizer, synthetic_samples("test", 3, PERPLEXITY_TASKS)):
+    for seq in encode_samples(model, tokenizer, synthetic_samples("test", 2, PERPLEXITY_TASKS)):
         labels = torch.from_numpy(seq.labels)
         with torch.no_grad():
             out = model(
