@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request", type=int, default=0, help="which committed image + question (benchmarks/assets)")
     p.add_argument("--text-only", action="store_true", help="no image: every runtime is fed token ids")
     p.add_argument("--memory-budget", default="8GB", help="the runtime's memory plan budget")
+    p.add_argument("--context", type=int, help="KV cache length the runtime plans for (default: the model's)")
     p.add_argument("--builder-dir", help="ort-genai-builder: a folder made by onnxruntime-genai's builder")
     p.add_argument("--gguf", help="llama-cpp: a GGUF file (stock Phi-2 weights)")
     p.add_argument("--llama-bench", help="path of llama-bench (default: $LLAMA_BENCH, PATH, or the kit's build)")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     records = sweep(targets, args.threads, args.prompt_tokens, args.new_tokens, args.reps, args.warmup, make_ids,
                     str(request.image), out, passes=args.passes, memory_budget=args.memory_budget,
-                    timeout=args.timeout)  # fmt: skip
+                    run_context=args.context, timeout=args.timeout)  # fmt: skip
     report = write_report(records, out, f"Benchmark: {', '.join(Path(m).name for m in args.model)}")
     print(report.read_text())
     failed = [r for r in records if r["status"] == "failed"]

@@ -177,8 +177,8 @@ def markdown_table(records: list[dict]) -> str:
     """The main table (medians ± stdev over repetitions), then the time-to-first-token breakdown, then skips."""
     lines = [
         "| runtime | precision | on disk | threads | test | TTFT ms | prefill tok/s | decode tok/s | "
-        "ITL p50 / p90 ms | peak RSS | of BW limit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "ITL p50 / p90 ms | peak RSS | planned peak | of BW limit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     breakdown = ["| runtime | threads | test | preprocess ms | vision ms | prefill ms | first sample ms | TTFT ms | "
                  "cold TTFT ms |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -195,7 +195,8 @@ def markdown_table(records: list[dict]) -> str:
             f"| {c['label']} | {info.get('precision', c['precision'])} | {_gib(info.get('disk_bytes'))} | "
             f"{c['threads']} | {case_name(c)} | {_stat(m, 'ttft_ms')} | {_stat(m, 'prefill_tok_s')} | "
             f"{_stat(m, 'decode_tok_s', 2)} | {_fmt(itl.get('p50'), 2)} / {_fmt(itl.get('p90'), 2)} | "
-            f"{_gib(m.get('peak_rss_bytes'))} | {'-' if frac is None else f'{frac:.2f}'} |"
+            f"{_gib(m.get('peak_rss_bytes'))} | {_gib((m.get('memory_plan') or {}).get('peak'))} | "
+            f"{'-' if frac is None else f'{frac:.2f}'} |"
         )
         med = {k: (m.get(k) or {}).get("median") for k in ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms")}
         rest = (m.get("first_sample_ms") or {}).get("median")

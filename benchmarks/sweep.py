@@ -79,6 +79,7 @@ def sweep(
     out: Path,
     passes: int = 1,
     memory_budget: str = "8GB",
+    run_context: int | None = None,
     bandwidth_mib: int = 512,
     timeout: float = 1800,
     progress: bool = True,
@@ -104,7 +105,7 @@ def sweep(
                 runtime=target.runtime, model=target.model, label=target.label, precision=target.precision,
                 threads=n_threads, prompt_tokens=n_prompt, new_tokens=new_tokens, reps=reps, warmup=warmup,
                 image=image if target.image else None, prompt_ids=ids, text_ids=text_ids,
-                context=None, memory_budget=memory_budget, options=dict(target.options, bench_pass=pass_index),
+                context=run_context, memory_budget=memory_budget, options=dict(target.options, bench_pass=pass_index),
             )  # fmt: skip
             bar.set_postfix_str(f"{target.label} t{n_threads} pp{n_prompt}")
             if target.skip:

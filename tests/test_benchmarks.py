@@ -175,7 +175,7 @@ def test_record_follows_the_schema_and_the_table_shows_its_numbers():
     json.dumps(record)  # plain JSON all the way down
     table = markdown_table([record])
     assert "| ours int4 | int4 | 1.00 GiB | 2 | img+pp128+tg5 | 43.0 ± 0.0 |" in table
-    assert "| 50.00 ± 0.00 | 20.00 / 20.00 | 3.00 GiB | 1.25 |" in table
+    assert "| 50.00 ± 0.00 | 20.00 / 20.00 | 3.00 GiB | 2.50 GiB | 1.25 |" in table
     assert "| ours int4 | 2 | img+pp128+tg5 | 2.0 | 10.0 | 30.0 | 1.0 | 43.0 | 43.0 |" in table
 
 

@@ -1,6 +1,7 @@
 """transformers' PhiForCausalLM on a stock Phi-2 folder, with its KV cache: the original repository's path (peers).
 
-Greedy, exactly `new_tokens`, timestamps at every token; prefill is the forward pass over the prompt.
+Greedy, exactly `new_tokens`, timestamps at every token; prefill is the forward pass over the prompt with
+`logits_to_keep=1` (as `generate` does). transformers 5 takes the KV cache as `cache=` (`past_key_values=` is deprecated).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class TransformersRunner:
             start = clock()
             ids = torch.tensor([c.text_ids], dtype=torch.long)  # [1, T]
             cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # cache filled in place
             prefill = clock() - start
             tokens, new = [], []
             for step in range(c.new_tokens):
@@ -65,7 +66,7 @@ class TransformersRunner:
                 if step == c.new_tokens - 1:
                     break
                 step_ids = torch.tensor([[next_id]], dtype=torch.long)  # [1, 1]
-                out = self.model(input_ids=step_ids, past_key_values=out.past_key_values, use_cache=True)
+                out = self.model(input_ids=step_ids, cache=cache, use_cache=True)
             end = clock()
         self.last_tokens = new
         return Sample(start, end, tokens, {"prefill": prefill})
