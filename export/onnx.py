@@ -38,7 +38,8 @@ from export.folder import ExportError, folder_size, refuse_existing, staging_fol
 from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
 from export.manifest import build_manifest, sha256_file, write_manifest
-from export.validate import validate_folder
+from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
+from export.validate import smoke_validate, validate_folder
 
 logger = logging.getLogger("export.onnx")
 
@@ -70,8 +71,7 @@ def load_model(model_dir: str | Path | None, preset: str | None = None, seed: in
     if model_dir is None:
         if preset is None:
             raise ExportError("give --model DIR, or --preset NAME --random-init")
-        torch.manual_seed(seed)
-        return TinyGPTV(ModelConfig.preset(preset)).eval(), None
+        return lazy_random_model(ModelConfig.preset(preset)), None  # parts get weights per graph (export.random_init)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ExportError(
@@ -144,6 +144,8 @@ def export_folder(
     model_path = Path(model_dir) if model_dir else None
     if model is None:
         model, model_path = load_model(model_dir, preset, options.seed)
+    if is_lazy(model) and options.precision == "int4" and options.quant == "gptq" and not options.gptq_checkpoint:
+        raise ExportError("GPTQ needs trained weights and calibration data; with --random-init use --quant rtn or hqq")
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
@@ -152,13 +154,21 @@ def export_folder(
                     shutil.copy(part, tmp / part.name)
                 continue
             logger.info("exporting %s graph", name)
-            export_graph(model, name, tmp / file, seed=options.seed)
+            with materialized(model, name, options.seed):
+                export_graph(model, name, tmp / file, seed=options.seed)
         quantization = quantize_folder(tmp, model, tokenizer, options)
         write_genai_config(tmp, model.config)
         if tokenizer is not None:
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        elif is_lazy(model):
+            stand_in_tokenizer(model.config).save(tmp)
         validation: dict[str, Any] = {"skipped": True}
-        if options.validate:
+        if options.validate and is_lazy(model):
+            logger.info("checking signatures and running random inputs (random weights: no PyTorch comparison)")
+            validation = smoke_validate(tmp, model, options.seed)
+            if not validation["passed"]:
+                raise ExportError("validation failed: " + "; ".join(validation["failures"]))
+        elif options.validate:
             logger.info("validating against PyTorch")
             reference, precision = model, options.precision
             if options.gptq_checkpoint:  # the checkpoint's own weights are the reference: the same integers
@@ -169,12 +179,16 @@ def export_folder(
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
         quality = None
-        if options.quality_samples > 0 and tokenizer is not None:
+        if options.quality_samples > 0 and tokenizer is not None and not is_lazy(model):
             from export.quality import measure_folder
 
             logger.info("measuring quality on %d held-out samples", options.quality_samples)
             quality = measure_folder(tmp, model, tokenizer, options.quality_samples)
         source = _source(model, model_path, random_init=model_path is None)
+        if tokenizer is None and is_lazy(model):
+            source["tokenizer"] = (
+                "stand-in byte-level BPE of the synthetic world (export.random_init), not the preset's"
+            )
         manifest = build_manifest(
             tmp, model.config, quantization, validation, source, _exporter(time.monotonic() - start)
         )

@@ -229,3 +229,42 @@ def validate_folder(
     report["failures"] = problems + failures
     report["passed"] = not report["failures"]
     return report
+
+
+def smoke_validate(folder: str | Path, model: TinyGPTV, seed: int = 0) -> dict[str, Any]:
+    """For random-init exports (no PyTorch model to hold beside the sessions): signatures, then random inputs through
+    vision -> embedding -> decoder (prefill at past 0 + DECODE_STEPS steps), every output finite and of the right shape."""
+    folder = Path(folder)
+    cfg = model.config
+    lm = cfg.language_model
+    specs = graph_specs(model)
+    rng = np.random.default_rng(seed)
+    report: dict[str, Any] = {"precision": "random-init", "pytorch_comparison": "skipped: random weights, no reference"}
+    problems = []
+    session = open_session(folder / specs["vision"].file)
+    problems += check_signature(session, specs["vision"])
+    pixels = rng.standard_normal((1, 3, cfg.image.size, cfg.image.size)).astype(np.float32)
+    (features,) = session.run(None, {"pixel_values": pixels})
+    del session
+    session = open_session(folder / specs["embedding"].file)
+    problems += check_signature(session, specs["embedding"])
+    ids = rng.integers(1, cfg.prompt.image_token_id, (1, cfg.num_image_tokens + 8))
+    ids[0, 1 : 1 + cfg.num_image_tokens] = cfg.prompt.image_token_id
+    (embeds,) = session.run(None, {"input_ids": ids, "image_features": features})
+    session = open_session(folder / specs["decoder"].file)
+    problems += check_signature(session, specs["decoder"])
+    mask = np.ones(ids.shape, np.int64)
+    past = [np.zeros((1, lm.num_heads, 0, lm.head_size), np.float32)] * (2 * lm.num_layers)
+    finite = bool(np.isfinite(features).all() and np.isfinite(embeds).all())
+    for _ in range(DECODE_STEPS + 1):
+        logits, *past = session.run(None, _decoder_feed(specs["decoder"].inputs, embeds, mask, past))
+        finite &= bool(np.isfinite(logits).all())
+        if logits.shape != (1, embeds.shape[1], lm.vocab_size) or past[0].shape[2] != mask.shape[1]:
+            problems.append(f"decoder output shapes {logits.shape} / {past[0].shape} do not fit the inputs")
+        embeds = rng.standard_normal((1, 1, lm.hidden_size)).astype(np.float32)
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+    report["signature_problems"] = problems
+    report["finite"] = finite
+    report["failures"] = problems + ([] if finite else ["non-finite outputs"])
+    report["passed"] = not report["failures"]
+    return report

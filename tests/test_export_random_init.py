@@ -1,0 +1,46 @@
+"""--preset NAME --random-init: parts get random weights one graph at a time; the folder is smoke-validated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from core.phi import RotaryEmbedding
+from export.folder import ExportError
+from export.onnx import ExportOptions, export_folder
+from export.random_init import lazy_random_model, materialized
+
+
+def test_materialized_holds_only_the_graph_parts_and_releases_them():
+    model = lazy_random_model(ModelConfig.preset("tiny"))
+    assert all(p.is_meta for p in model.parameters())
+    with materialized(model, "decoder", seed=0):
+        lm = model.language_model
+        assert not any(p.is_meta for p in lm.parameters()) and model.vision_model.embeddings.class_embedding.is_meta
+        q = lm.model.layers[0].self_attn.q_proj
+        assert 0.015 < float(q.weight.detach().std()) < 0.025 and float(q.bias.detach().abs().max()) == 0.0
+        assert float(lm.model.layers[0].input_layernorm.weight.min()) == 1.0
+        assert torch.equal(lm.rotary.inv_freq, RotaryEmbedding(model.config.language_model).inv_freq)
+        first = q.weight.clone()
+    assert all(p.is_meta for p in model.parameters())
+    with materialized(model, "decoder", seed=0):
+        assert torch.equal(model.language_model.model.layers[0].self_attn.q_proj.weight, first)  # seeded per part
+    with materialized(model, "vision", seed=0):
+        assert not model.query_tokens.is_meta and model.language_model.lm_head.weight.is_meta
+
+
+def test_random_init_int4_folder_is_smoke_validated(tmp_path, reuse_tiny_graphs):
+    manifest = export_folder(tmp_path / "r", preset="tiny", options=ExportOptions(precision="int4", quant="rtn"))
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["finite"] and validation["signature_problems"] == []
+    assert validation["pytorch_comparison"].startswith("skipped")
+    assert manifest["source"]["random_init"] and manifest["source"]["checkpoint_sha256"] is None
+    assert "stand-in" in manifest["source"]["tokenizer"] and "tokenizer.json" in manifest["files"]
+    assert manifest["quantization"]["decoder"]["matmulnbits"] == 13 and "quality" not in manifest
+
+
+def test_random_init_refuses_gptq(tmp_path):
+    with pytest.raises(ExportError, match="GPTQ needs trained weights.*--quant rtn or hqq"):
+        export_folder(tmp_path / "r", preset="tiny", options=ExportOptions(precision="int4", quant="gptq"))
+    assert list(tmp_path.iterdir()) == []
