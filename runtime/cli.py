@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", metavar="OUT.png", help="draw the boxes of the answer on the image and save it")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no EOS or stop string before this many (default 0)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default)")
@@ -77,6 +78,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything that can be refused before reading any file."""
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise UsageError(
+            f"--min-new-tokens must be in 0..--max-new-tokens {args.max_new_tokens}, got {args.min_new_tokens}"
+        )
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     if args.batch_size <= 0:
@@ -101,6 +106,7 @@ def check_args(args: argparse.Namespace) -> None:
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,

@@ -53,11 +53,16 @@ def peak_rss_bytes() -> int:
 
 
 class TextStream:
-    """Token ids in, text out; `pieces` joined equal `cut_at_stop(tokenizer.decode(ids), stop_strings)[0]`."""
+    """Token ids in, text out; `pieces` joined equal `cut_at_stop(tokenizer.decode(ids), stop_strings)[0]`.
 
-    def __init__(self, tokenizer: TextTokenizer, stop_strings: Sequence[str] = ()) -> None:
+    With `min_tokens` > 0, stop strings are looked for only in the text after the first `min_tokens` tokens' text.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop_strings: Sequence[str] = (), min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
+        self.min_tokens = min_tokens
+        self.stop_from: int | None = 0 if min_tokens <= 0 else None  # stop strings start here; None: not yet
         self.ids: list[int] = []
         self.text = ""  # decoded text of ids[:read], complete characters only
         self.prefix = 0  # window start: decoding from here gives the same text as decoding from 0
@@ -73,16 +78,26 @@ class TextStream:
         delta = after[len(before) :] if after.startswith(before) else after  # [len(before):] on a window start
         complete = not after.endswith(REPLACEMENT)
         candidate = self.text + delta
-        if self.stop_strings and cut_at_stop(candidate, self.stop_strings)[1]:
+        if self.stop_from is None:  # fewer than min_tokens tokens so far: no stop string counts yet
+            if len(self.ids) >= self.min_tokens:
+                self.stop_from = len(candidate) if complete else len(self.text)
+        elif self.stop_strings and self._cut(candidate)[1]:
             complete = True  # a stop string is there even if a partial character follows it
         if not complete:
             return ""
         self.text, self.prefix, self.read = candidate, self.read, len(self.ids)
         return self._release()
 
+    def _cut(self, text: str) -> tuple[str, bool]:
+        """`cut_at_stop` on the part of `text` where stop strings count (all of it unless min_tokens is set)."""
+        if not self.stop_from:
+            return cut_at_stop(text, self.stop_strings) if self.stop_from == 0 else (text, False)
+        cut, stopped = cut_at_stop(text[self.stop_from :], self.stop_strings)
+        return text[: self.stop_from] + cut, stopped
+
     def _release(self) -> str:
         if self.stop_strings:
-            cut, stopped = cut_at_stop(self.text, self.stop_strings)
+            cut, stopped = self._cut(self.text)
             if stopped:
                 self.stopped = True
                 end = len(cut)
@@ -95,7 +110,7 @@ class TextStream:
         return piece
 
     def final_text(self) -> str:
-        return cut_at_stop(self.tokenizer.decode(self.ids), self.stop_strings)[0]
+        return self._cut(self.tokenizer.decode(self.ids))[0]
 
     def finish(self) -> str:
         """The rest of the text (held-back characters, a trailing partial character), once generation ended."""
@@ -115,6 +130,7 @@ class Timings:
     decode_tokens: int = 0  # tokens made by decode steps (new tokens - 1)
     total_s: float = 0.0
     peak_rss_bytes: int = 0
+    token_times: list[float] = field(default_factory=list)  # call start -> each new token chosen (s); [0] == ttft_s
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -235,6 +251,7 @@ class RunState:
     prefill_s: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    token_times: np.ndarray | None = None  # [max_new_tokens] perf_counter when step k's tokens were chosen
 
     def __post_init__(self) -> None:
         self.new = [[] for _ in range(self.rows)]
@@ -290,6 +307,7 @@ def run_tokens(
     if not keep_cache:
         cache.start(rows, owner)
     sampler.observe(seen_rows if seen_rows is not None else prompt_rows)
+    state.token_times = times = np.zeros(max_new_tokens)  # [max_new_tokens], written in place: nothing grows per token
 
     # --- prefill: the whole prompt in one run of each graph
     start = time.perf_counter()
@@ -300,7 +318,7 @@ def run_tokens(
         next_ids = sampler(logits)  # [rows]
         now = time.perf_counter()
         state.first_token_at = state.first_token_at or now
-        state.last_token_at = now
+        state.last_token_at = times[step] = now
         pieces = [""] * rows
         for row, token in enumerate(next_ids.tolist()):
             if state.done[row]:

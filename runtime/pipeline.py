@@ -3,7 +3,9 @@
     from runtime import Pipeline
     pipe = Pipeline.load("exports/demo-int4", provider="cpu", threads=2, memory_budget="8GB")
     result = pipe.generate("photo.jpg", "[vqa] What colour is the circle?", max_new_tokens=32)
-    result.text, result.tokens, result.timings.decode_tokens_per_s, result.boxes
+    result.text, result.tokens, result.timings.decode_tokens_per_s, result.timings.token_times, result.boxes
+    ids = pipe.prompt_ids("[vqa] What colour is the circle?", image=True)      # BOS, template, image ids in place
+    result = pipe.generate("photo.jpg", prompt_ids=ids, max_new_tokens=64, min_new_tokens=64)   # exactly 64 tokens
     for piece in pipe.stream("photo.jpg", "[caption] Describe the image"):
         print(piece, end="", flush=True)
     results = pipe.generate_batch([("a.jpg", "[vqa] ..."), ("b.jpg", "[refer] the red square")])
@@ -49,6 +51,10 @@ from runtime.sampling import Sampler, SamplingParams
 from runtime.session import Sessions, resolve_provider
 
 logger = logging.getLogger(__name__)
+
+
+def _text_or_ids(prompt: str | Sequence[int]) -> tuple[str | None, Sequence[int] | None]:
+    return (prompt, None) if isinstance(prompt, str) else (None, prompt)
 
 
 class Stream:
@@ -142,21 +148,63 @@ class Pipeline:
         n_images = 1 if image else 0
         return self.tokenizer.encode_prompt(text, n_images, self.manifest.num_image_tokens, add_bos=bos)
 
+    def request_ids(
+        self, image: ImageInput | None, prompt: str | None = None, prompt_ids: Sequence[int] | None = None
+    ) -> list[int]:
+        """The token ids of one request: `prompt` built as `prompt_ids()` does, or `prompt_ids` checked and used as is.
+
+        Given ids are the whole prompt (BOS, template, one image id per image vector where the image goes), so the
+        image token count must be the manifest's num_image_tokens with an image and 0 without.
+        """
+        if (prompt is None) == (prompt_ids is None):
+            raise RuntimeInputError("give either a prompt (text) or prompt_ids (token ids), not both or neither")
+        if prompt is not None:
+            return self.prompt_ids(prompt, image is not None)
+        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence | np.ndarray):
+            raise RuntimeInputError(f"prompt_ids must be a sequence of token ids, got {type(prompt_ids).__name__}")
+        try:
+            ids = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError):
+            raise RuntimeInputError("prompt_ids must hold integers (token ids)") from None
+        m = self.manifest
+        vocab, image_id, n = m.decoder.vocab_size, m.image_token_id, m.num_image_tokens
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if not ids or bad:
+            raise RuntimeInputError(
+                f"prompt_ids must be a non-empty list of ids in 0..{vocab - 1}, got {len(ids)} ids" +
+                (f" with {len(bad)} outside (first {bad[0]})" if bad else "")
+            )  # fmt: skip
+        found, wanted = ids.count(image_id), n if image is not None else 0
+        if found != wanted:
+            has = "an image" if image is not None else "no image"
+            raise RuntimeInputError(
+                f"prompt_ids hold {found} image token ids ({image_id}); with {has} they must hold exactly {wanted} "
+                "(build them with Pipeline.prompt_ids(text, image))"
+            )
+        return ids
+
     def _settings(
-        self, max_new_tokens: int, stop: str | Sequence[str] | None, **sampling: Any
+        self, max_new_tokens: int, stop: str | Sequence[str] | None, min_new_tokens: int = 0, **sampling: Any
     ) -> tuple[Sampler, tuple[str, ...]]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise RuntimeInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+            raise RuntimeInputError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+        if min_new_tokens > max_new_tokens:
+            raise RuntimeInputError(f"min_new_tokens {min_new_tokens} > max_new_tokens {max_new_tokens}")
         params = SamplingParams(**sampling)
         extra = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        sampler = Sampler(params, self.manifest.decoder.vocab_size, banned_ids=(self.manifest.image_token_id,))
+        sampler = Sampler(
+            params, self.manifest.decoder.vocab_size, banned_ids=(self.manifest.image_token_id,),
+            min_tokens=min_new_tokens, stop_ids=self.stop_ids,
+        )  # fmt: skip
         return sampler, tuple(self.stop_strings) + extra
 
     # --- one request
     def stream(
         self,
         image: ImageInput | None,
-        prompt: str,
+        prompt: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -164,19 +212,21 @@ class Pipeline:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        min_new_tokens: int = 0,
+        prompt_ids: Sequence[int] | None = None,
     ) -> Stream:
         """Like generate(), but iterate the returned Stream for text pieces as they are decoded."""
         sampler, stops = self._settings(
-            max_new_tokens, stop, temperature=temperature, top_k=top_k, top_p=top_p,
+            max_new_tokens, stop, min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed,
         )  # fmt: skip
-        ids = self.prompt_ids(prompt, image is not None)
+        ids = self.request_ids(image, prompt, prompt_ids)
         return self._stream(image, [ids], sampler, stops, max_new_tokens, keep_cache=False, owner=None)
 
     def generate(
         self,
         image: ImageInput | None,
-        prompt: str,
+        prompt: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -184,14 +234,20 @@ class Pipeline:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        min_new_tokens: int = 0,
+        prompt_ids: Sequence[int] | None = None,
     ) -> GenerationResult:
         """Answer one prompt about one image (a path, bytes, a PIL image, an array, or None for text only).
 
-        temperature 0 is greedy; `stop` adds stop strings to the manifest's; EOS always stops.
+        temperature 0 is greedy; `stop` adds stop strings to the manifest's; EOS always stops, once the answer has
+        `min_new_tokens` tokens (EOS cannot be chosen before, and stop strings count only in the text after them;
+        min_new_tokens == max_new_tokens gives exactly that many). `prompt_ids` instead of `prompt`: the whole prompt
+        as token ids (see `request_ids`). `result.timings.token_times` has the time of each new token.
         """
         stream = self.stream(
             image, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, min_new_tokens=min_new_tokens,
+            prompt_ids=prompt_ids,
         )  # fmt: skip
         for _ in stream:
             pass
@@ -220,7 +276,7 @@ class Pipeline:
         holder: list[Stream] = []
 
         def steps() -> Iterator[str]:
-            text = TextStream(self.tokenizer, stops)
+            text = TextStream(self.tokenizer, stops, sampler.min_tokens)
             state = RunState(rows=1)
             finished = False
             try:
@@ -252,28 +308,34 @@ class Pipeline:
         timings.decode_tokens = state.fed
         timings.total_s = time.perf_counter() - start
         timings.peak_rss_bytes = peak_rss_bytes()
+        times = state.token_times
+        timings.token_times = [] if times is None else (times[: len(state.new[row])] - start).tolist()
         return GenerationResult(text, list(state.new[row]), prompt_len, reason, timings)
 
     # --- several requests
     def generate_batch(
         self,
-        requests: Sequence[tuple[ImageInput | None, str]],
+        requests: Sequence[tuple[ImageInput | None, str | Sequence[int]]],
         max_new_tokens: int = 128,
         stop: str | Sequence[str] | None = None,
+        min_new_tokens: int = 0,
         **sampling: Any,
     ) -> list[GenerationResult]:
-        """Answer several (image, prompt) pairs, `batch_size` (see load) rows at a time, left-padded."""
-        sampler, stops = self._settings(max_new_tokens, stop, **sampling)
+        """Answer several (image, prompt) pairs, `batch_size` (see load) rows at a time, left-padded.
+
+        A prompt is text or the whole prompt as token ids (see `request_ids`); the rest is as in `generate`.
+        """
+        sampler, stops = self._settings(max_new_tokens, stop, min_new_tokens, **sampling)
         results: list[GenerationResult] = []
         size = self.cache.batch_size
         for first in range(0, len(requests), size):
             chunk = requests[first : first + size]
             start = time.perf_counter()
             timings = Timings()
-            rows = [self.prompt_ids(prompt, image is not None) for image, prompt in chunk]
+            rows = [self.request_ids(image, *_text_or_ids(prompt)) for image, prompt in chunk]
             check_context(self.loop, rows, max_new_tokens)
             feats, timings.preprocess_s, timings.vision_s = self.encode_images([image for image, _ in chunk])
-            streams = [TextStream(self.tokenizer, stops) for _ in chunk]
+            streams = [TextStream(self.tokenizer, stops, min_new_tokens) for _ in chunk]
             state = RunState(rows=len(chunk))
             for _ in run_tokens(
                 self.loop, rows, feats, sampler, max_new_tokens, self.stop_ids, streams, state,

@@ -4,7 +4,9 @@ The rules are those of the PyTorch reference (`core.generation.process_logits`),
 as in transformers (divide positive logits, multiply negative ones, over every token seen, prompt included), then
 temperature, top-k, top-p (keep the smallest prefix whose mass reaches top_p, never fewer than one token), then one draw
 per row from a numpy Generator seeded once per generation. Temperature 0 is greedy (argmax, first index on ties, as
-torch). Tokens that may never be drawn (the image token id) are masked before anything else.
+torch). Tokens that may never be drawn (the image token id) are masked before anything else; with `min_tokens`, the stop
+ids (EOS) are masked too until each row has that many tokens, as transformers' `min_new_tokens` and onnxruntime-genai's
+`min_length` do.
 
     sampler = Sampler(SamplingParams(temperature=0.7, top_p=0.9, seed=1), vocab_size=1024, banned_ids=(1023,))
     sampler.observe(prompt_ids_per_row)
@@ -97,15 +99,27 @@ def process_logits(logits: np.ndarray, seen: np.ndarray | None, params: Sampling
 class Sampler:
     """Turns each step's logits into next token ids for a batch, remembering what each row has seen."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, banned_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        banned_ids: Sequence[int] = (),
+        min_tokens: int = 0,
+        stop_ids: Sequence[int] = (),
+    ) -> None:
         self.params = params
         self.vocab_size = vocab_size
         self.banned = np.array([i for i in banned_ids if 0 <= i < vocab_size], dtype=np.int64)
+        early = sorted({*self.banned.tolist(), *(i for i in stop_ids if 0 <= i < vocab_size)})
+        self.banned_early = np.array(early, dtype=np.int64)  # banned + stop ids, while fewer than min_tokens
+        self.min_tokens = min_tokens
+        self.chosen = 0  # tokens chosen per row since observe()
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         self.seen: np.ndarray | None = None  # [B, V] bool, only with a repetition penalty
 
     def observe(self, rows: Sequence[Sequence[int]]) -> None:
         """Start a generation: the token ids each row already holds (prompt, earlier turns)."""
+        self.chosen = 0
         if self.params.repetition_penalty == 1.0:
             self.seen = None
             return
@@ -116,14 +130,16 @@ class Sampler:
 
     def add(self, next_ids: np.ndarray) -> None:
         """Record the ids just chosen (one per row)."""
+        self.chosen += 1
         if self.seen is not None:
             self.seen[np.arange(len(next_ids)), next_ids] = True
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits [B, V] -> next ids int64 [B]."""
         logits = np.array(logits, dtype=np.float32, copy=True)  # [B, V]
-        if self.banned.size:
-            logits[:, self.banned] = -np.inf
+        banned = self.banned if self.chosen >= self.min_tokens else self.banned_early
+        if banned.size:
+            logits[:, banned] = -np.inf
         scores = process_logits(logits, self.seen, self.params)
         if self.params.greedy:
             return scores.argmax(axis=-1).astype(np.int64)  # [B]
