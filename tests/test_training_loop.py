@@ -132,7 +132,7 @@ def test_cli_trains_four_stages_and_writes_a_loadable_merged_model(tmp_path):
     write_blip2_folder(base, out / "base" / "vision")
     write_phi_folder(base.language_model, out / "base" / "lm")
     train_tiny_tokenizer().save(str(out / "base" / "lm" / "tokenizer.json"))
-    argv = ["--preset", "tiny", "--out", str(out), "--demo-images", "12", "--max-steps", "2", "--no-eval"]
+    argv = ["--preset", "tiny", "--out", str(out), "--demo-images", "12", "--steps", "2", "--no-eval"]
     assert main(argv) == 0
     for n in range(1, 5):
         assert json.loads((out / f"stage{n}" / "done.json").read_text())["steps"] == 2

@@ -17,7 +17,6 @@ tokenizer.json) and `eval.json`. A stage with done.json is not trained again; an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -51,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the --base-lm folder)")
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="train this stage only")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
-    p.add_argument("--max-steps", type=int, help="cap every stage at this many steps (smoke runs)")
+    p.add_argument("--steps", type=int, help="run every stage for this many steps (smoke runs; warm-up capped to it)")
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")  # fmt: skip
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
@@ -64,45 +63,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         missing = [f"--{n.replace('_', '-')}" for n in ("base_vision", "base_lm", "data") if getattr(args, n) is None]
         if missing:
             p.error(f"--preset tinygptv needs {', '.join(missing)} (no weights or data can be downloaded here)")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error(f"--max-steps {args.max_steps} must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps} must be at least 1")
     return args
 
 
-def _standin_bootstrap(cfg, out: Path, data_dir: Path) -> None:
-    """STAND-IN, NOT THE BOOTSTRAP: random weights + a BPE tokenizer trained on the data's captions.
+def _bootstrap(preset: str, out: Path) -> None:
+    """The demo's base weights, trained from scratch on the synthetic world (training/bootstrap.py)."""
+    from core.config import ModelConfig
+    from training.bootstrap import BootstrapSettings, bootstrap
 
-    Used only while training/bootstrap.py (the bootstrap engineer's vision/LM pretraining) is absent. A model trained
-    from these random bases cannot reach the demo's accuracy figures.
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from core.model import TinyGPTV
-    from core.weights import write_blip2_folder, write_phi_folder
-
-    logger.warning("training.bootstrap is not available: writing RANDOM base weights (stand-in)")
-    torch.manual_seed(0)
-    model = TinyGPTV(cfg)
-    write_blip2_folder(model, out / "vision")
-    write_phi_folder(model.language_model, out / "lm")
-    texts = [json.dumps(json.loads(p.read_text())) for p in sorted(data_dir.rglob("*.json"))[:50]]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    vocab = min(cfg.prompt.image_token_id, cfg.language_model.vocab_size) - 1
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.save(str(out / "lm" / "tokenizer.json"))
-
-
-def _bootstrap(cfg, out: Path, data_dir: Path) -> None:
-    try:
-        from training.bootstrap import bootstrap
-    except ImportError:
-        _standin_bootstrap(cfg, out, data_dir)
-        return
-    bootstrap(data_dir, out, cfg, seed=DEMO_SEED)
+    settings = BootstrapSettings.preset("tiny" if preset == "tiny" else "demo")
+    bootstrap(out, ModelConfig.preset(preset), seed=DEMO_SEED, settings=settings)
 
 
 def _write_demo_data(root: Path, image_size: int, n_train: int) -> None:
@@ -132,10 +104,13 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     scale = "tinygptv" if args.preset == "tinygptv" else args.preset
     stages = [StageConfig.preset(name, scale) for name in STAGES]
-    if args.max_steps:
-        stages = [s.replace(schedule=s.schedule.replace(max_steps=min(args.max_steps, s.schedule.max_steps),
-                                                        warmup_steps=min(s.schedule.warmup_steps, args.max_steps)))
-                  for s in stages]  # fmt: skip
+    if args.steps:
+        stages = [
+            s.replace(
+                schedule=s.schedule.replace(max_steps=args.steps, warmup_steps=min(s.schedule.warmup_steps, args.steps))
+            )
+            for s in stages
+        ]
 
     data_dir = args.data or out / "data" / "train"
     vision_dir, lm_dir = args.base_vision or out / "base" / "vision", args.base_lm or out / "base" / "lm"
@@ -143,10 +118,8 @@ def run(args: argparse.Namespace) -> int:
         from training.data.synthetic import DEFAULT_IMAGE_SIZE
 
         _write_demo_data(out / "data", DEFAULT_IMAGE_SIZE, args.demo_images)
-    if main and not (vision_dir / "config.json").is_file() and args.base_vision is None:
-        from core.config import ModelConfig
-
-        _bootstrap(ModelConfig.preset(args.preset), out / "base", data_dir)
+    if main and args.base_vision is None and not (vision_dir / "config.json").is_file():
+        _bootstrap(args.preset, out / "base")
     accelerator.wait_for_everyone()
     cfg = model_config(args.preset, vision_dir, lm_dir)
     tokenizer = load_tokenizer(cfg, args.tokenizer or lm_dir)
