@@ -44,7 +44,7 @@ def plot_ttft(records: list[dict], path: Path) -> bool:
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("time to first token (ms, median)")
     ax.invert_yaxis()
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.set_title("Time to first token by phase")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -55,33 +55,38 @@ def plot_ttft(records: list[dict], path: Path) -> bool:
 def plot_decode(records: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-    limits: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    lines: dict[tuple[str, int], list[tuple[int, float, float]]] = defaultdict(list)
+    limits: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
     for r in _ok(records):
         c, m = r["config"], r["metrics"]
         stats = m.get("decode_tok_s") or {}
         if stats.get("median") is None:
             continue
-        key = f"{c['label']} t{c['threads']}"
+        key = (c["label"], c["threads"])
         lines[key].append((c["prompt_tokens"], stats["median"], stats["stdev"] or 0.0))
-        limit = (m.get("bandwidth") or {}).get("limit_tok_s")
-        if limit:
-            limits[key].append((c["prompt_tokens"], limit))
+        bw = m.get("bandwidth") or {}
+        if bw.get("limit_tok_s") and not bw.get("in_cache"):
+            limits[key].append((c["prompt_tokens"], bw["limit_tok_s"]))
     if not lines:
         return False
+    labels = sorted({label for label, _ in lines})
+    threads = sorted({t for _, t in lines})
+    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    markers = "os^Dv<>p"
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key, points in sorted(lines.items()):
-        points.sort()
-        xs, ys, es = zip(*points)
-        line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=key)
-        if limits.get(key):
-            lx, ly = zip(*sorted(limits[key]))
-            ax.plot(lx, ly, linestyle="--", color=line[0].get_color(), alpha=0.5)
+    for (label, t), points in sorted(lines.items()):
+        colour = colours(labels.index(label) % colours.N)
+        xs, ys, es = zip(*sorted(points))
+        ax.errorbar(xs, ys, yerr=es, marker=markers[threads.index(t) % len(markers)], capsize=3, color=colour,
+                    label=f"{label} t{t}")  # fmt: skip
+        if limits.get((label, t)):
+            lx, ly = zip(*sorted(limits[(label, t)]))
+            ax.plot(lx, ly, linestyle="--", color=colour, alpha=0.5)
     ax.set_xlabel("prompt tokens (context before decoding)")
     ax.set_ylabel("decode tokens/s (median ± sd)")
     ax.set_title("Decode speed vs context (dashed: that runtime's bandwidth limit)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -42,6 +42,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        unit = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * unit)
+    return max(sizes) if sizes else None
+
+
 def git_state(repo: Path = REPO) -> tuple[str | None, bool | None]:
     """(HEAD sha, whether tracked files differ from it); (None, None) outside a git checkout."""
     try:
@@ -72,7 +82,7 @@ def machine_metadata() -> dict:
         load = None
     return {
         "git_sha": sha, "git_dirty": dirty, "packages": package_versions(), "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "last_level_cache_bytes": last_level_cache_bytes(), "os": platform.platform(), "python": platform.python_version(),
         "load_average": load, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
 
@@ -87,15 +97,19 @@ def build_record(result: dict, machine: dict, bandwidth: dict | None, note: str 
                 manifest_sha256=info.get("manifest_sha256"))  # fmt: skip
     if status == "ok":
         metrics["memory_plan"] = info.get("memory_plan")
-        metrics["bandwidth"] = bandwidth_metrics(metrics, info, bandwidth)
+        metrics["bandwidth"] = bandwidth_metrics(metrics, info, bandwidth, machine.get("last_level_cache_bytes"))
     notes = [n for n in (note, info.get("note"), result.get("error")) if n]
     return {"schema_version": SCHEMA_VERSION, "status": status, "note": "; ".join(notes) or None,
             "config": config, "metadata": meta, "metrics": metrics, "info": info,
             "tokens": result.get("tokens")}  # fmt: skip
 
 
-def bandwidth_metrics(metrics: dict, info: dict, bandwidth: dict | None) -> dict | None:
-    """The decode speed as a fraction of bandwidth / (decode weights + KV at the mean context)."""
+def bandwidth_metrics(metrics: dict, info: dict, bandwidth: dict | None, cache_bytes: int | None = None) -> dict | None:
+    """The decode speed as a fraction of bandwidth / (decode weights + KV at the mean context).
+
+    A step whose bytes fit in the last-level cache is not bound by memory bandwidth (the demo model's are): its
+    fraction is left out (None) and `in_cache` says why.
+    """
     weights = info.get("decode_weights_bytes")
     if bandwidth is None or weights is None:
         return None
@@ -103,8 +117,10 @@ def bandwidth_metrics(metrics: dict, info: dict, bandwidth: dict | None) -> dict
     gb_s = bandwidth["best_gb_s"]
     limit = gb_s * 1e9 / step if step else None
     decode = (metrics.get("decode_tok_s") or {}).get("median")
-    fraction = decode / limit if decode and limit else None
-    return {"bytes_per_step": step, "bandwidth_gb_s": gb_s, "limit_tok_s": limit, "fraction_of_limit": fraction}
+    in_cache = bool(cache_bytes and step <= cache_bytes)
+    fraction = decode / limit if decode and limit and not in_cache else None
+    return {"bytes_per_step": step, "bandwidth_gb_s": gb_s, "limit_tok_s": limit, "fraction_of_limit": fraction,
+            "in_cache": in_cache}  # fmt: skip
 
 
 def skipped_record(config: dict, machine: dict, reason: str) -> dict:
@@ -196,7 +212,7 @@ def markdown_table(records: list[dict]) -> str:
             f"{c['threads']} | {case_name(c)} | {_stat(m, 'ttft_ms')} | {_stat(m, 'prefill_tok_s')} | "
             f"{_stat(m, 'decode_tok_s', 2)} | {_fmt(itl.get('p50'), 2)} / {_fmt(itl.get('p90'), 2)} | "
             f"{_gib(m.get('peak_rss_bytes'))} | {_gib((m.get('memory_plan') or {}).get('peak'))} | "
-            f"{'-' if frac is None else f'{frac:.2f}'} |"
+            f"{'in cache' if bw.get('in_cache') else '-' if frac is None else f'{frac:.2f}'} |"
         )
         med = {k: (m.get(k) or {}).get("median") for k in ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms")}
         rest = (m.get("first_sample_ms") or {}).get("median")

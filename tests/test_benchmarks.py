@@ -136,6 +136,8 @@ def test_bandwidth_limit_arithmetic():
     bw = bandwidth_metrics(metrics, info, {"best_gb_s": 40.0})
     assert bw["limit_tok_s"] == pytest.approx(20.0) and bw["fraction_of_limit"] == pytest.approx(0.5)
     assert bandwidth_metrics(metrics, {}, {"best_gb_s": 40.0}) is None
+    cached = bandwidth_metrics(metrics, info, {"best_gb_s": 40.0}, cache_bytes=4 * 10**9)  # the step fits in cache
+    assert cached["in_cache"] and cached["fraction_of_limit"] is None
 
 
 def test_workload_prompts_have_exactly_the_asked_length():
