@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import pickle
+import random
 import re
 import tarfile
 from pathlib import Path
@@ -446,3 +447,42 @@ def test_a_written_split_reads_back_through_the_real_format_loaders(tmp_path: Pa
     grounded = read["flickr/groundedcaption.json"][2]
     assert grounded.turns[0].answer == world.sample(2, "grounding").turns[0].answer
     assert all(s.image.size == (SIZE, SIZE) for samples in read.values() for s in samples)
+
+
+def test_requests_for_the_runtime(tmp_path: Path) -> None:
+    from core.prompts import TEMPLATES, apply_template, build_prompt, with_image
+    from training.data.loaders_vqa import vqa_instruction
+    from training.data.synthetic_tasks import referring_phrases, short_caption
+    from training.data.synthetic_writers import encode_jpeg, parse_formats
+    from training.data.text import caption_text
+
+    world, out = SyntheticWorld(seed=3, image_size=SIZE), tmp_path / "requests"
+    manifest = write_split(world, "val", 7, out, formats=("requests",))
+    requests = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert manifest["counts"] == {"requests.jsonl": 7} and sorted(p.name for p in out.iterdir()) == [
+        "drawn", "images", "requests.jsonl", "synthetic.json"]  # fmt: skip
+    assert [r["task"] for r in requests] == ["vqa", "vqa", "refer", "vqa", "caption", "vqa", "refer"]
+    assert [r["type"] for r in requests if r["task"] == "vqa"] == ["colour", "shape", "count", "position"]
+    stage4 = TEMPLATES["stage4"]
+    for i, r in enumerate(requests):
+        scene = world.scene(i, "val")
+        assert r["id"] == f"{world.image_id(i, 'val')}/{r['type']}" and r["image"] == f"images/{200_000_000 + i}.jpg"
+        assert (out / r["image"]).read_bytes() == encode_jpeg(scene)
+        if r["task"] == "vqa":  # lowercased as the VQA loaders feed questions, answer worked out again
+            (qa,) = [qa for qa in vqa_candidates(scene)[r["type"]] if caption_text(qa.question) == r["prompt"][6:]]
+            assert r["prompt"] == f"[vqa] {qa.question.lower()}"
+            assert r["expected"] == _recount(scene.objects, qa.question)
+            # the runtime's prompt (build_prompt with the manifest's template) is the stage-4 training prompt
+            seed = next(s for s in range(50) if "Based" not in vqa_instruction("", random.Random(s)))  # short template
+            trained = apply_template(vqa_instruction(caption_text(qa.question), random.Random(seed)), stage4)
+            assert build_prompt(r["prompt"], stage4) == trained == f"[INST] {IMAGE_TEXT} {r['prompt']} [/INST]"
+        elif r["task"] == "caption":
+            assert r["prompt"] == "[caption] Briefly describe this image." and r["expected"] == short_caption(scene)
+        else:
+            (obj,) = [o for o in scene.objects if list(o.grid_box(SIZE, SIZE)) == r["gt_box"]]
+            phrase = r["prompt"].removeprefix("[refer] give me the location of ")
+            assert phrase in referring_phrases(scene, obj) and r["expected"] == format_box(r["gt_box"])
+            assert r["draw"] == f"drawn/{200_000_000 + i}.png" and with_image(r["prompt"]).startswith(IMAGE_TEXT)
+    assert not any((out / "drawn").iterdir())
+    assert parse_formats("all") == ("stage1", "stage3", "stage4", "eval")  # requests only when named
+    assert parse_formats("requests,all") == ("stage1", "stage3", "stage4", "eval", "requests")

@@ -16,9 +16,11 @@ On disk, in the real datasets' formats (so the demo trains through the same load
     python -m training.data.synthetic --seed 0 --split train --n 1000 --out data/synthetic/train
     python -m training.data.synthetic --seed 0 --split test --n 200 --out data/synthetic/test --formats eval
     python -m training.data.synthetic ... --image-size 128 --formats stage1,stage3 --force
+    python -m training.data.synthetic --seed 0 --split val --n 7 --out runs/demo/data/requests --formats requests
 
 --formats is `all` or a comma list of stage1 (webdataset shards for stages 1-2), stage3 (cc_sbu_align),
-stage4 (LLaVA, COCO-VQA, GQA, RefCOCO, Flickr30k files) and eval (held-out question lists); the folder layout is
+stage4 (LLaVA, COCO-VQA, GQA, RefCOCO, Flickr30k files), eval (held-out question lists) and requests (a
+`requests.jsonl` of questions for `python -m runtime --batch`, written only when named); the folder layout is
 listed in training/data/synthetic_writers.py. The folder is written atomically; an existing non-empty --out is only
 replaced with --force. 1,000 images with all formats take a few seconds on one CPU core.
 """
@@ -103,7 +105,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data.synthetic_writers import FORMATS, OutputExistsError, parse_formats, write_split
+    from training.data.synthetic_writers import EXTRA_FORMATS, FORMATS, OutputExistsError, parse_formats, write_split
 
     parser = _ArgumentParser(prog="python -m training.data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="base seed of the world (default 0)")
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help=f"pixels per side (default {DEFAULT_IMAGE_SIZE})"
     )
-    parser.add_argument("--formats", default="all", help=f"all, or a comma list of {', '.join(FORMATS)}")
+    parser.add_argument(
+        "--formats", default="all", help=f"all, or a comma list of {', '.join(FORMATS + EXTRA_FORMATS)}"
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per webdataset shard (default 1000)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     args = parser.parse_args(argv)

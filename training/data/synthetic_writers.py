@@ -20,8 +20,12 @@ The demo trains through the same loaders as real data, so a split is written as 
             eval/refcoco_<split>.json               [{"img_id": "COCO_train2014_<012d>_<k>", "sents", "bbox", "height", "width"}]
             gqa/testdev_balanced_questions.json     [{"image", "question", "answer", "question_id"}], images in gqa/images/
             train2014/...                           the images eval/*.json point at
+    requests requests.jsonl, images/<image_id>.jpg, drawn/
+                                            held-out questions for `python -m runtime --batch` (one per image:
+                                            VQA, caption, refer; see training/data/synthetic_requests.py)
 
 File names do not depend on the split (the folder is the split), except the eval files, whose originals carry it.
+`all` means every dataset format (FORMATS); `requests` is for the runtime's demo and is written only when named.
 Everything is deterministic: the same world and split give byte-identical files (tar members have mtime 0).
 """
 
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.boxes import format_box, format_grounded
+from training.data.synthetic_requests import DRAWN_DIR, IMAGES_DIR, REQUESTS_FILE, plan, request
 from training.data.synthetic_scene import Scene
 from training.data.synthetic_tasks import (
     LLAVA_DETAIL_QUESTIONS,
@@ -61,7 +66,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("stage1", "stage3", "stage4", "eval")
+FORMATS = ("stage1", "stage3", "stage4", "eval")  # `all`
+EXTRA_FORMATS = ("requests",)  # written only when named
 JPEG_QUALITY = 95  # high, so that colours survive compression
 CATEGORIES = [
     {"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(("circle", "square", "triangle", "star"))
@@ -79,14 +85,15 @@ class OutputExistsError(FileExistsError):
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
-    """`all` or a comma list of FORMATS -> the formats in canonical order."""
+    """`all` or a comma list of FORMATS and EXTRA_FORMATS (`all` among them: every one of FORMATS) -> canonical order."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    if names == ["all"]:
-        return FORMATS
-    unknown = [n for n in names if n not in FORMATS]
+    known = FORMATS + EXTRA_FORMATS
+    if "all" in names:
+        names = [n for n in names if n != "all"] + list(FORMATS)
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ValueError(f"unknown format(s) {unknown or [text]}; use 'all' or a comma list of {', '.join(FORMATS)}")
-    return tuple(f for f in FORMATS if f in names)
+        raise ValueError(f"unknown format(s) {unknown or [text]}; use 'all' or a comma list of {', '.join(known)}")
+    return tuple(f for f in known if f in names)
 
 
 def encode_jpeg(scene: Scene, quality: int = JPEG_QUALITY) -> bytes:
@@ -180,6 +187,10 @@ def _write_files(
             (root / folder).mkdir(parents=True, exist_ok=True)
     refs: list[dict] = []
     instances: dict = {"images": [], "annotations": [], "categories": CATEGORIES}
+    requests, planned = [], list(plan(n)) if "requests" in formats else []
+    if planned:
+        (root / IMAGES_DIR).mkdir()
+        (root / DRAWN_DIR).mkdir()
     for index in range(n):
         scene = world.scene(index, split)
         image_id, w, h = world.image_id(index, split), scene.width, scene.height
@@ -198,6 +209,10 @@ def _write_files(
             _add_stage4(world, scene, image_id, images, root, add, refs, instances)
         if "eval" in formats:
             _add_eval(world, scene, image_id, add)
+        if planned:
+            images.put(root / IMAGES_DIR / f"{image_id}.jpg")
+            _, task, qtype = planned[index]
+            requests.append(request(scene, image_id, task, qtype, world.rng(index, split, "requests")))
     if shards is not None:
         shards.close()
     counts = {}
@@ -212,6 +227,10 @@ def _write_files(
         counts["refcoco/refs(unc).p"], counts["refcoco/instances.json"] = len(refs), len(instances["annotations"])
     if shards is not None:
         counts["shards"] = shards.count
+    if planned:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests)
+        (root / REQUESTS_FILE).write_text(lines, encoding="utf-8")
+        counts[REQUESTS_FILE] = len(requests)
     return counts
 
 
