@@ -85,10 +85,11 @@ def convert(hf_dir: Path, out: Path, quant: str = "Q4_0") -> Path:
     f32 = out.with_suffix(".f32.gguf")
     env = dict(os.environ, PYTHONPATH=str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # The convert script refuses tokenizers whose pre-tokenizer hash it does not know (ours is a stand-in byte-level
-    # BPE for random weights): treat it as GPT-2's, which is what Phi-2's is.
+    # BPE for random weights): declare it Phi-2's.
     script = (
         "import sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]);"
-        "import convert_hf_to_gguf as c; c.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'; c.main()"
+        "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tok: 'phi-2';"
+        "import convert_hf_to_gguf as c; c.main()"
     )
     subprocess.run([sys.executable, "-c", script, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
                     str(f32), "--outtype", "f32"], check=True, env=env)  # fmt: skip
