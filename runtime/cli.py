@@ -10,8 +10,9 @@ The answer streams to stdout; `--timings` adds preprocess, vision, prefill, time
 peak memory on stderr; `--json` prints one JSON object instead (text, tokens, parsed boxes, timings). Bad input (a
 missing folder or image, a tampered file, a prompt longer than the context, ...) gets one line on stderr and exit
 status 2. In a chat, Ctrl-C stops the answer, not the program. Batch requests are JSON lines
-{"image": PATH or null, "prompt": TEXT, "id": ANY, "draw": OUT.png}; relative paths are read from the request file's
-folder; each request that fails gets {"error": ...} in the output and a line on stderr, the others are answered.
+{"image": PATH or null, "prompt": TEXT, "id": ANY, "draw": OUT.png, "expected": TEXT}; relative paths are read from
+the request file's folder; each request that fails gets {"error": ...} in the output and a line on stderr, the others
+are answered; with --out, a table of questions, answers, expected answers (matched or not) and timings is printed.
 """
 
 from __future__ import annotations

@@ -206,19 +206,41 @@ def test_batch_answers_in_order_and_reports_bad_lines(tiny_export_dir, photo, tm
         {"id": 1, "image": "a.png", "prompt": "[vqa] What color is the circle?", "answer": "red"},
         {"id": 2, "image": "gone.png", "prompt": "[vqa] x"},
         "not json",
-        {"id": 4, "image": None, "prompt": "How many shapes are there?"},
-        {"id": 5, "image": "a.png", "prompt": "[refer] where is the green triangle?"},
+        {"id": 4, "image": None, "prompt": "How many shapes are there?", "expected": "Two."},
+        {"id": 5, "image": "a.png", "prompt": "[refer] where is the green triangle?", "expected": "{<0><0><50><50>}"},
+        {"id": 6, "prompt": "[vqa] x", "expected": 2},
     ]
+    lines[0]["expected"] = " " + pipe.generate(photo, lines[0]["prompt"], max_new_tokens=7).text.upper() + ". "
     (tmp_path / "req.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     code, out, err = run_cli(capsys, "--model", tiny_export_dir, "--batch", tmp_path / "req.jsonl",
                              "--out", tmp_path / "ans.jsonl", "--batch-size", 2, "--max-new-tokens", 7)  # fmt: skip
     answers = [json.loads(x) for x in (tmp_path / "ans.jsonl").read_text().splitlines()]
-    assert code == 2 and [a.get("id") for a in answers] == [1, 2, None, 4, 5]
+    assert code == 2 and [a.get("id") for a in answers] == [1, 2, None, 4, 5, 6]
     assert "gone.png: no such file" in answers[1]["error"] and "not valid JSON" in answers[2]["error"]
+    assert '"expected" must be text or null, got 2' in answers[5]["error"]
     for answer, (image, prompt) in zip([answers[0], answers[3], answers[4]], [(photo, lines[0]["prompt"]),
                                        (None, lines[3]["prompt"]), (photo, lines[4]["prompt"])]):  # fmt: skip
         assert answer["tokens"] == pipe.generate(image, prompt, max_new_tokens=7).tokens
-    assert err.count("\n") == 3 and "2 of 5 requests failed" in err and "ms to first token" in out
+    # case, spaces and a final period aside; a box by IoU (the random model answers no box: IoU 0)
+    assert [(a["expected"], a["match"]) for a in answers[0:4:3]] == [(lines[0]["expected"], True), ("Two.", False)]
+    assert answers[4]["boxes"] == [] and (answers[4]["match"], answers[4]["iou"]) == (False, 0.0)
+    assert err.count("\n") == 4 and "3 of 6 requests failed" in err
+    table = out.splitlines()
+    assert table[0].split() == ["#", "question", "answer", "expected", "match", "first", "token", "new", "tokens/s",
+                                "total"]  # fmt: skip
+    assert [row.split()[0] for row in table[2:5]] == ["0", "3", "4"]
+    assert "  yes  " in table[2] and "  no  " in table[3] and "  no (IoU 0.00)  " in table[4]
+    assert table[5].startswith("3 answered | 1 of 3 match the expected answer | median first token")
+    assert table[6] == f"answers written to {tmp_path / 'ans.jsonl'}"
+
+
+def test_match_answer():
+    from runtime.cli_batch import match_answer
+
+    assert match_answer("Red.", " red") == (True, None) and match_answer("blue", "red") == (False, None)
+    assert match_answer("it is {<10><10><50><50>}", "{<10><10><50><60>}") == (True, pytest.approx(0.8))
+    assert match_answer("{<0><0><10><10>}", "{<10><10><50><60>}") == (False, 0.0)
+    assert match_answer("nowhere", "{<10><10><50><60>}") == (False, 0.0)
 
 
 def test_chat_keeps_context_and_survives_errors_and_ctrl_c(tiny_export_dir, photo, capsys, monkeypatch, pipe):
