@@ -296,3 +296,23 @@ def test_draw_answer_puts_labelled_boxes_on_the_image(tmp_path):
     assert draw_answer(image, plain, tmp_path / "plain.png") == 1
     assert draw_answer(image, GenerationResult("red", [], 0, "eos"), tmp_path / "none.png") == 0
     assert not (tmp_path / "none.png").exists()
+
+
+def test_batch_of_the_synthetic_requests_format(tiny_export_dir, tmp_path, capsys):
+    """What `make demo` runs: the synthetic world's requests.jsonl answered through the CLI, one table row each."""
+    from training.data.synthetic import SyntheticWorld
+    from training.data.synthetic_writers import write_split
+
+    write_split(SyntheticWorld(seed=0, image_size=64), "val", 7, tmp_path / "req", formats=("requests",))
+    requests = [json.loads(x) for x in (tmp_path / "req" / "requests.jsonl").read_text().splitlines()]
+    code, out, err = run_cli(capsys, "--model", tiny_export_dir, "--batch", tmp_path / "req" / "requests.jsonl",
+                             "--out", tmp_path / "ans.jsonl", "--max-new-tokens", 6, "--threads", 1)  # fmt: skip
+    answers = [json.loads(x) for x in (tmp_path / "ans.jsonl").read_text().splitlines()]
+    assert code == 0 and err == "" and [a["id"] for a in answers] == [r["id"] for r in requests]
+    assert [a["expected"] for a in answers] == [r["expected"] for r in requests]
+    rows = out.splitlines()[2:9]
+    assert [row.split("  ")[0] for row in rows] == [str(i) for i in range(7)]
+    assert all(r["prompt"][:40] in row for r, row in zip(requests, rows))
+    refer = [i for i, r in enumerate(requests) if r["task"] == "refer"]
+    assert [a.get("drawn") for a in answers] == [0 if i in refer else None for i in range(7)]  # a random model: no box
+    assert out.splitlines()[10:12] == [f"[{i}] no box in the answer; nothing drawn" for i in refer]
