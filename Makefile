@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
+# The whole path on the embedded default. Each step is a command a user runs too (README); the training step skips
+# stages whose done.json exists, so a second `make demo` goes straight to export.
 demo: $(STAMP)
 	$(PY) -m training --preset demo --out runs/demo
+	$(PY) -m export.onnx --model runs/demo/final --out exports/demo-fp32 --precision fp32 --force
+	$(PY) -m export.onnx --model runs/demo/final --out exports/demo-int4 --precision int4 --quant gptq --force
+	$(PY) -m export.quality --model runs/demo/final --out reports/demo-quality --variants fp32,int4-rtn,int4-gptq --force
+	$(PY) -m training.data.synthetic --seed 0 --split val --n 7 --out runs/demo/requests --formats requests --force
+	$(PY) -m runtime --model exports/demo-int4 --batch runs/demo/requests/requests.jsonl \
+		--out runs/demo/requests/answers.jsonl --max-new-tokens 48
+	$(PY) -m benchmarks --model exports/demo-int4 --out reports/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
