@@ -6,7 +6,8 @@
 
 --precision   fp32 (default) | fp16 | int8 | int4. int4 quantizes the decoder's MatMuls to MatMulNBits; fp16 and int8
               apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
---quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq.
+--quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq
+              | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
 The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
@@ -44,7 +45,7 @@ from export.validate import smoke_validate, validate_folder
 logger = logging.getLogger("export.onnx")
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-QUANT_METHODS = ("gptq", "rtn", "hqq")
+QUANT_METHODS = ("gptq", "rtn", "hqq", "gptq-ort")
 BLOCK_SIZES = (32, 64, 128)
 
 
@@ -144,7 +145,7 @@ def export_folder(
     model_path = Path(model_dir) if model_dir else None
     if model is None:
         model, model_path = load_model(model_dir, preset, options.seed)
-    if is_lazy(model) and options.precision == "int4" and options.quant == "gptq" and not options.gptq_checkpoint:
+    if is_lazy(model) and options.precision == "int4" and "gptq" in options.quant and not options.gptq_checkpoint:
         raise ExportError("GPTQ needs trained weights and calibration data; with --random-init use --quant rtn or hqq")
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:

@@ -2,8 +2,8 @@
 
     row = measure_folder(folder, model, tokenizer, n=64)      # one row; export.onnx stores it as manifest["quality"]
     python -m export.quality --model runs/demo/final --out exports/demo-quality [--samples 64] [--force]
-        exports fp32, fp16, int8, int4-rtn, int4-hqq, int4-gptq (onnxruntime's GPTQ) and int4-gptq-ckpt (export.gptq's
-        checkpoint packed as MatMulNBits) side by side (fp32 graphs traced once) and writes quality.md + quality.json.
+        exports fp32, fp16, int8, int4-rtn, int4-hqq, int4-gptq (export.gptq's integers) and int4-gptq-ort
+        (onnxruntime's GPTQ) side by side (fp32 graphs traced once) and writes quality.md + quality.json.
 
 Held-out data: the synthetic world's "test" split (never seen in training or calibration). Per folder, run with its own
 vision, embedding and decoder graphs:
@@ -156,7 +156,7 @@ VARIANTS = {  # name -> export.onnx options
     "int4-rtn": {"precision": "int4", "quant": "rtn"},
     "int4-hqq": {"precision": "int4", "quant": "hqq"},
     "int4-gptq": {"precision": "int4", "quant": "gptq"},
-    "int4-gptq-ckpt": {"precision": "int4", "quant": "gptq", "gptq_checkpoint": "CHECKPOINT"},
+    "int4-gptq-ort": {"precision": "int4", "quant": "gptq-ort"},
 }
 
 
@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from export.folder import ExportError, refuse_existing
-    from export.gptq import gptq_export
     from export.onnx import ExportOptions, export_folder, load_model, load_tokenizer
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -185,15 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
         refuse_existing(out, args.force)
         model, model_dir = load_model(args.model)
-        tokenizer = load_tokenizer(model, model_dir, None)
+        load_tokenizer(model, model_dir, None)  # fail now, not after the fp32 export, when tokenizer.json is missing
         out.mkdir(parents=True, exist_ok=True)
         rows, graphs = {}, None
         for name in ["fp32", *[v for v in variants if v != "fp32"]]:
             options = dict(VARIANTS[name])
-            if options.get("gptq_checkpoint"):
-                options["gptq_checkpoint"] = str(out / "gptq-checkpoint")
-                gptq_export(model, tokenizer, options["gptq_checkpoint"], group_size=args.block_size,
-                            calib_samples=args.calib_samples, force=True, tokenizer_file=model_dir / "tokenizer.json")  # fmt: skip
             opts = ExportOptions(block_size=args.block_size, calib_samples=args.calib_samples,
                                  quality_samples=args.samples, **options)  # fmt: skip
             manifest = export_folder(out / name, model_dir, opts, force=True, model=model, graphs_from=graphs)

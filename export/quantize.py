@@ -7,10 +7,13 @@ blocks of `block_size` input channels, each block with its own scale and zero po
 `onnxruntime.quantization.matmul_nbits_quantizer`:
   - rtn   round to nearest per block (DefaultWeightOnlyQuantConfig, onnxruntime's C++ blockwise quantizer);
   - hqq   half-quadratic quantization: scales and zero points fitted to the weight without data;
-  - gptq  GPTQ with a CalibrationDataReader of multimodal sequences (export.calibration): Hessians of each MatMul's
-          input measured on image + prompt + answer inputs_embeds, then column-by-column error compensation.
-  A GPTQ checkpoint from `python -m export.gptq` can be packed instead (`--gptq-checkpoint`), keeping its exact
-  integers (export.gptq.pack_matmulnbits).
+  - gptq  export.gptq's GPTQ (block after block on the PyTorch decoder, Hessians of each Linear's input measured on
+          image + prompt + answer inputs_embeds, symmetric, fp16 scales), its integers packed into MatMulNBits as they
+          are: the same weights as the standard checkpoint `python -m export.gptq` writes (`--gptq-checkpoint` packs
+          a kept one);
+  - gptq-ort  onnxruntime's GPTQ with a CalibrationDataReader of the same multimodal sequences. It takes every
+          Hessian from the unquantized model and re-derives scales from the compensated weights when packing, so it
+          shares no integers with a checkpoint; kept for comparison.
 `accuracy_level` 4 lets MatMulNBits compute with int8 activations (onnxruntime-genai's CPU default; faster, a little
 less exact); 0 computes in fp32 on the dequantized weights.
 fp16: weights and arithmetic in fp16, inputs and outputs kept fp32 (onnxruntime.transformers.float16).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -199,16 +203,26 @@ def quantize_graphs(folder: Path, model: TinyGPTV, tokenizer: TextTokenizer | No
 def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, options) -> dict[str, Any]:
     info: dict[str, Any] = {"bits": 4, "block_size": options.block_size, "symmetric": False,
                             "accuracy_level": INT4_ACCURACY_LEVEL, "format": "MatMulNBits"}  # fmt: skip
-    if getattr(options, "gptq_checkpoint", None):
+    if options.gptq_checkpoint:
         from export.gptq import pack_checkpoint_into
 
         info.update(pack_checkpoint_into(path, options.gptq_checkpoint, INT4_ACCURACY_LEVEL))
         return info
+    if options.quant == "gptq":  # ours: a temporary standard checkpoint, its integers packed as they are
+        from export.gptq import gptq_export, pack_checkpoint_into
+
+        with tempfile.TemporaryDirectory(prefix="gptq-", dir=path.parent.parent) as tmp:
+            gptq_export(model, tokenizer, Path(tmp) / "ckpt", group_size=options.block_size,
+                        calib_samples=options.calib_samples, seed=options.seed)  # fmt: skip
+            info.update(pack_checkpoint_into(path, Path(tmp) / "ckpt", INT4_ACCURACY_LEVEL))
+        info["source"] = "export.gptq (sequential GPTQ, not kept; python -m export.gptq writes it)"
+        info.pop("checkpoint", None)
+        return info
     reader = None
-    if options.quant == "gptq":
+    if options.quant == "gptq-ort":
         from export.calibration import DecoderCalibrationReader, describe, multimodal_sequences
 
-        logger.info("calibrating GPTQ on %d multimodal sequences", options.calib_samples)
+        logger.info("calibrating onnxruntime's GPTQ on %d multimodal sequences", options.calib_samples)
         sequences = multimodal_sequences(model, tokenizer, options.calib_samples, seed=options.seed)
         reader = DecoderCalibrationReader(sequences, model.config)
         info["calibration"] = describe(sequences)
@@ -216,5 +230,5 @@ def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, o
     if options.quant == "rtn":
         info.update(to_int4_rtn(path, options.block_size))
     else:
-        info.update(to_int4(path, options.quant, options.block_size, reader))
+        info.update(to_int4(path, options.quant.removesuffix("-ort"), options.block_size, reader))
     return info

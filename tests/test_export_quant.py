@@ -31,8 +31,9 @@ def test_int4_rtn_quantizes_every_decoder_matmul(tiny_model_dir, tmp_path, reuse
     assert validation["real"]["outputs"]["image_features"]["max_abs_diff"] < 1e-5  # vision untouched (fp32)
 
 
-def test_int4_gptq_is_calibrated_on_multimodal_sequences(tiny_model_dir, tmp_path, reuse_tiny_graphs):
-    options = ExportOptions(precision="int4", quant="gptq", calib_samples=4, vision_precision="int8")
+@pytest.mark.parametrize("quant", ["gptq", "gptq-ort"])
+def test_int4_gptq_is_calibrated_on_multimodal_sequences(tiny_model_dir, tmp_path, reuse_tiny_graphs, quant):
+    options = ExportOptions(precision="int4", quant=quant, calib_samples=4, vision_precision="int8")
     manifest = export_folder(tmp_path / "gptq", tiny_model_dir, options)
     quant = manifest["quantization"]
     calibration = quant["decoder"]["calibration"]
