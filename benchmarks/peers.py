@@ -40,16 +40,21 @@ RUNTIMES = ("ours", "ours-genai", "builder", "llama-cpp", "transformers")
 
 
 def stand_in_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer with Phi-2's vocabulary size and <|endoftext|> at 50256 (no merges: bytes only)."""
+    """A byte-level BPE tokenizer with Phi-2's vocabulary size and <|endoftext|> at 50256.
+
+    The 256 byte symbols, a few merges (llama.cpp refuses a BPE vocabulary without merges), then placeholders.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
-    alphabet = ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("e", "r"), ("Ġt", "he"), ("a", "n"), ("o", "n"), ("r", "e")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     for i in range(len(vocab), EOS):
         vocab[f"tok{i}"] = i
     vocab["<|endoftext|>"] = EOS
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<|endoftext|>"])

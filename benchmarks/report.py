@@ -162,6 +162,8 @@ def write_records(records: list[dict], out: Path) -> None:
     """records/<n>_<label>.json each, and results.json with all of them."""
     folder = out / "records"
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.json"):  # records of an earlier run in the same folder
+        stale.unlink()
     for i, record in enumerate(records):
         c = record["config"]
         name = f"{i:03d}_{c['label']}_t{c['threads']}_p{c['prompt_tokens']}".replace(" ", "-").replace("/", "-")
