@@ -280,7 +280,7 @@ def export_graph(model: TinyGPTV, name: str, path: str | Path, seed: int = 0) ->
     name_axes(program.model.graph, spec)
     name_nodes(program.model.graph)
     path = Path(path)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)  # the traced part only
     large = size > TWO_GB * 0.9  # the protobuf limit counts the graph too; leave a margin
     program.save(path, external_data=large)  # torch names the data file `<file>.data`
     logger.info("wrote %s (%s)", path, "external data" if large else "one file")
