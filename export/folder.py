@@ -9,10 +9,12 @@ A half-written export can never be mistaken for a good one, and an existing fold
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,14 @@ logger = logging.getLogger(__name__)
 
 class ExportError(RuntimeError):
     """An export that cannot go on; the message says what was wrong and what to do."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit status 2, as every CLI of the kit."""
+
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
 
 
 def refuse_existing(out: str | Path, force: bool) -> None:

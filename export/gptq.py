@@ -20,7 +20,6 @@ are the ones it implements (export/gptq_solver.py); gptqmodel can still load thi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -38,7 +37,7 @@ from core.config import ConfigError, ModelConfig
 from core.model import TinyGPTV
 from core.tokenizer import TOKENIZER_FILE
 from core.weights import WEIGHTS_FILE, load_safetensors, load_strict, phi_config_dict, save_safetensors
-from export.folder import ExportError, refuse_existing, staging_folder
+from export.folder import CliParser, ExportError, refuse_existing, staging_folder
 from export.gptq_solver import QuantizedLinear, pack_gptq, quantize_decoder, unpack_gptq
 
 logger = logging.getLogger("export.gptq")
@@ -77,7 +76,9 @@ def read_gptq_decoder(folder: str | Path) -> tuple[dict[str, Any], dict[str, Qua
     """(quantize_config, {module: QuantizedLinear}, the decoder's other tensors) of a GPTQ folder."""
     folder = Path(folder)
     if not (folder / QUANTIZE_CONFIG).is_file():
-        raise ExportError(f"{folder}: not a GPTQ checkpoint (no {QUANTIZE_CONFIG}); make one with python -m export.gptq")
+        raise ExportError(
+            f"{folder}: not a GPTQ checkpoint (no {QUANTIZE_CONFIG}); make one with python -m export.gptq"
+        )
     qcfg = json.loads((folder / QUANTIZE_CONFIG).read_text())
     if qcfg.get("desc_act") or qcfg.get("checkpoint_format", "gptq") != "gptq":
         raise ExportError(f"{folder}: only desc_act false, checkpoint_format 'gptq' checkpoints are read; got {qcfg}")
@@ -155,7 +156,9 @@ def pack_checkpoint_into(decoder_path: str | Path, folder: str | Path, accuracy_
     inits = {t.name: t for t in proto.graph.initializer}
     nodes, done = [], []
     for node in proto.graph.node:
-        module = node.input[1].removeprefix("language_model.").removesuffix(".weight") if node.op_type == "MatMul" else ""
+        module = (
+            node.input[1].removeprefix("language_model.").removesuffix(".weight") if node.op_type == "MatMul" else ""
+        )
         if module not in quantized:
             nodes.append(node)
             continue
@@ -188,7 +191,7 @@ def pack_checkpoint_into(decoder_path: str | Path, folder: str | Path, accuracy_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.gptq", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m export.gptq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder: config.json + model.safetensors + tokenizer.json")
     parser.add_argument("--out", required=True, help="the GPTQ folder to write")
     parser.add_argument("--bits", type=int, default=4, choices=(4,))

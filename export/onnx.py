@@ -35,7 +35,7 @@ from core.config import ConfigError, ModelConfig
 from core.model import TinyGPTV
 from core.tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError
 from core.weights import WEIGHTS_FILE, WeightsError
-from export.folder import ExportError, folder_size, refuse_existing, staging_folder
+from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
 from export.manifest import build_manifest, sha256_file, write_manifest
@@ -208,7 +208,7 @@ def folder_size_of_graph(folder: Path, file: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
     required = parser.add_argument_group("what to export")
     required.add_argument("--model", help="model folder: config.json + model.safetensors + tokenizer.json")
     required.add_argument("--out", required=True, help="the export folder to write (refused if it exists, see --force)")

@@ -16,7 +16,6 @@ vision, embedding and decoder graphs:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -32,7 +31,7 @@ from core.phi import position_ids_from_mask
 from core.prompts import TEMPLATE_STAGE4, apply_template
 from core.tokenizer import TextTokenizer
 from export.calibration import decoder_feed, encode_samples, synthetic_samples
-from export.folder import folder_size
+from export.folder import CliParser, folder_size
 from export.validate import open_session
 
 logger = logging.getLogger("export.quality")
@@ -161,7 +160,7 @@ VARIANTS = {  # name -> export.onnx options
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.quality", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m export.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", required=True, help="model folder (config.json + model.safetensors + tokenizer.json)"
     )
