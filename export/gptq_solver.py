@@ -61,7 +61,13 @@ def _find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
 
 
 def gptq_linear(
-    weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, damp: float = 0.01, blocksize: int = 128
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    damp: float = 0.01,
+    blocksize: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [out, in], H [in, in] -> codes [out, in], scales [groups, out], zeros [groups, out]."""
     maxq = 2**bits - 1
@@ -175,7 +181,9 @@ def pack_gptq(q: QuantizedLinear) -> dict[str, torch.Tensor]:
     per = 32 // q.bits
     out_features, in_features = q.codes.shape
     if in_features % per or out_features % per:
-        raise ValueError(f"GPTQ packing needs in and out features divisible by {per}; got {in_features}, {out_features}")
+        raise ValueError(
+            f"GPTQ packing needs in and out features divisible by {per}; got {in_features}, {out_features}"
+        )
     codes = q.codes.T.numpy().astype(np.uint32).reshape(in_features // per, per, out_features)  # [in/8, 8, out]
     shifts = (np.arange(per, dtype=np.uint32) * q.bits)[None, :, None]
     qweight = np.bitwise_or.reduce(codes << shifts, axis=1)  # [in/8, out]
