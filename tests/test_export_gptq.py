@@ -56,7 +56,13 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
 def gptq_dir(tiny_model_dir, tmp_path_factory):
     model = TinyGPTV.from_pretrained(tiny_model_dir)
     out = tmp_path_factory.mktemp("gptq") / "ckpt"
-    gptq_export(model, model.load_tokenizer(tiny_model_dir), out, calib_samples=6, tokenizer_file=tiny_model_dir / "tokenizer.json")
+    gptq_export(
+        model,
+        model.load_tokenizer(tiny_model_dir),
+        out,
+        calib_samples=6,
+        tokenizer_file=tiny_model_dir / "tokenizer.json",
+    )
     return out
 
 
@@ -82,7 +88,9 @@ def test_checkpoint_folder_is_standard_and_loads_back(tiny_model_dir, gptq_dir):
 
 
 @pytest.mark.parametrize("level, tolerance", [(0, 1e-5), (4, 3e-2)])
-def test_onnx_int4_from_checkpoint_agrees_with_pytorch(tiny_model_dir, tiny_export_dir, gptq_dir, tmp_path, level, tolerance):
+def test_onnx_int4_from_checkpoint_agrees_with_pytorch(
+    tiny_model_dir, tiny_export_dir, gptq_dir, tmp_path, level, tolerance
+):
     """The same integers in MatMulNBits: fp32 arithmetic (level 0) agrees to 1e-5; int8 activations (level 4) to 3e-2."""
     decoder = shutil.copy(tiny_export_dir / "decoder.onnx", tmp_path / "decoder.onnx")
     assert pack_checkpoint_into(decoder, gptq_dir, accuracy_level=level)["matmulnbits"] == 13
@@ -94,7 +102,9 @@ def test_onnx_int4_from_checkpoint_agrees_with_pytorch(tiny_model_dir, tiny_expo
         feed = decoder_feed(seq.inputs_embeds, model.config)
         (logits,) = session.run(["logits"], feed)
         with torch.no_grad():
-            ref, _ = reference.decode(*(torch.from_numpy(feed[k]) for k in ("inputs_embeds", "attention_mask", "position_ids")))
+            ref, _ = reference.decode(
+                *(torch.from_numpy(feed[k]) for k in ("inputs_embeds", "attention_mask", "position_ids"))
+            )
         worst = max(worst, float(np.abs(logits - ref.numpy()).max()))
     assert worst < tolerance
 
