@@ -9,8 +9,8 @@ Held-out data: the synthetic world's "test" split (never seen in training or cal
 vision, embedding and decoder graphs:
   - max_logit_diff: largest |logit - PyTorch fp32 logit| over the teacher-forced evaluation sequences;
   - answer_perplexity: exp(mean NLL of the answer tokens and their EOS), teacher-forced, mixed tasks;
-  - accuracy: greedy VQA answers (stage-4 template, EOS stop) equal to the reference answer, lower-cased and stripped
-    (the training package's evaluation replaces this where it exists);
+  - accuracy: greedy VQA answers (stage-4 template, EOS stop) scored by training.metrics.vqa_exact (exact match after
+    the official VQA normalisation), as training.eval scores the PyTorch model;
   - greedy_equal_pytorch: share of VQA prompts whose greedy tokens equal the PyTorch fp32 model's.
 """
 
@@ -81,12 +81,10 @@ class FolderModel:
         return tokens
 
 
-def _normalise(text: str) -> str:
-    return text.strip().lower().rstrip(".").strip()
-
-
 def measure_folder(folder: str | Path, model: TinyGPTV, tokenizer: TextTokenizer, n: int = 64) -> dict[str, Any]:
     """One row of the quality table for `folder`, against the fp32 PyTorch `model` on n held-out samples per metric."""
+    from training.metrics import vqa_exact
+
     start = time.monotonic()
     folder = Path(folder)
     cfg = model.config
@@ -116,7 +114,7 @@ def measure_folder(folder: str | Path, model: TinyGPTV, tokenizer: TextTokenizer
         tokens = onnx_model.greedy(ids, pixels, budget)
         reference = model.generate([ids], pixel_values=torch.from_numpy(pixels), max_new_tokens=budget).tokens[0]
         equal += tokens == reference
-        correct += _normalise(tokenizer.decode(tokens)) == _normalise(sample.turns[0].answer)
+        correct += vqa_exact(tokenizer.decode(tokens), [sample.turns[0].answer])
     return {
         "folder_bytes": folder_size(folder),
         "decoder_bytes": sum(p.stat().st_size for p in folder.glob("decoder.onnx*")),
