@@ -3,7 +3,8 @@
     row = measure_folder(folder, model, tokenizer, n=64)      # one row; export.onnx stores it as manifest["quality"]
     python -m export.quality --model runs/demo/final --out exports/demo-quality [--samples 64] [--force]
         exports fp32, fp16, int8, int4-rtn, int4-hqq, int4-gptq (export.gptq's integers) and int4-gptq-ort
-        (onnxruntime's GPTQ) side by side (fp32 graphs traced once) and writes quality.md + quality.json.
+        (onnxruntime's GPTQ), and int4-gptq with an fp16 or int8 vision graph (what the vision precision costs) side by
+        side (fp32 graphs traced once) and writes quality.md + quality.json.
 
 Held-out data: the synthetic world's "test" split (never seen in training or calibration). Per folder, run with its own
 vision, embedding and decoder graphs:
@@ -154,6 +155,8 @@ VARIANTS = {  # name -> export.onnx options
     "int4-hqq": {"precision": "int4", "quant": "hqq"},
     "int4-gptq": {"precision": "int4", "quant": "gptq"},
     "int4-gptq-ort": {"precision": "int4", "quant": "gptq-ort"},
+    "int4-gptq+vision-fp16": {"precision": "int4", "quant": "gptq", "vision_precision": "fp16"},
+    "int4-gptq+vision-int8": {"precision": "int4", "quant": "gptq", "vision_precision": "int8"},
 }
 
 
