@@ -121,7 +121,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
         "rank0.json", "rank1.json"}  # fmt: skip
 
 
-def test_cli_trains_four_stages_and_writes_a_loadable_merged_model(tmp_path):
+def test_cli_trains_four_stages_and_writes_a_loadable_merged_model(tmp_path, capsys):
     from core.weights import write_blip2_folder, write_phi_folder
     from training.__main__ import main
     from training.pipeline import build_stage_model, model_config
@@ -155,3 +155,26 @@ def test_cli_trains_four_stages_and_writes_a_loadable_merged_model(tmp_path):
     assert "projector.fc1.weight" in s1 and not any("lora" in k for k in s1) and any("lora_A" in k for k in s4)
     assert (s1["projector.fc1.weight"] - s4["projector.fc1.weight"]).abs().max() > 0  # stages 2-4 kept training it
     assert main(argv) == 0  # a second run finds every stage done and only rewrites final/
+    (out / "stage4" / "done.json").unlink()  # as if killed after its last checkpoint
+    assert main(argv) == 2
+    assert "stage4 holds an interrupted run; pass --resume to continue it" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0 and (out / "stage4" / "done.json").is_file()
+
+
+def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
+    from training.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "tinygptv", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "python -m training: error: --preset tinygptv needs --base-vision, --base-lm, --data "
+        "(no weights or data can be downloaded here)"
+    )
+    (tmp_path / "base" / "vision").mkdir(parents=True)
+    argv = ["--preset", "tiny", "--out", str(tmp_path), "--data", str(tmp_path)]
+    assert main([*argv, "--base-vision", str(tmp_path / "base" / "vision"), "--base-lm", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m training: error: {tmp_path}/base/vision is not a BLIP-2 folder (--base-vision): it has no config.json\n"
+    )

@@ -41,6 +41,9 @@ CAPTION_SHARDS = (("laion", 115), ("cc_sbu", 14), ("shards", 1))
 def model_config(preset: str, vision_dir: str | Path, lm_dir: str | Path) -> ModelConfig:
     """The preset's config with the vision, Q-Former and language-model sizes read from the base folders."""
     base = ModelConfig.preset(preset)
+    for folder, what in ((vision_dir, "a BLIP-2 folder (--base-vision)"), (lm_dir, "a Phi-2 folder (--base-lm)")):
+        if not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not {what}: it has no config.json")
     blip2 = json.loads((Path(vision_dir) / "config.json").read_text())
     phi = json.loads((Path(lm_dir) / "config.json").read_text())
     vision, qformer = vision_configs_from_blip2(blip2, base)
