@@ -82,40 +82,56 @@ class FolderModel:
         return tokens
 
 
+@torch.no_grad()
+def pytorch_reference(model: TinyGPTV, tokenizer: TextTokenizer, n: int) -> dict[str, Any]:
+    """The held-out sequences, PyTorch's teacher-forced logits and greedy VQA tokens: the same for every variant, so
+    computed once per (model, n) and kept on the model object."""
+    cache = model.__dict__.setdefault("_quality_reference", {})
+    if n in cache:
+        return cache[n]
+    cfg = model.config
+    mixed = encode_samples(model, tokenizer, synthetic_samples(EVAL_SPLIT, n, PERPLEXITY_TASKS))
+    logits = []
+    for seq in mixed:
+        feed = decoder_feed(seq.inputs_embeds, cfg)
+        names = ("inputs_embeds", "attention_mask", "position_ids")
+        logits.append(model.decode(*(torch.from_numpy(feed[k]) for k in names))[0].numpy())  # [1, T, V]
+    vqa = []
+    for sample in synthetic_samples(EVAL_SPLIT, n, ("vqa",)):
+        prompt = apply_template(sample.turns[0].instruction, TEMPLATE_STAGE4)
+        ids = tokenizer.encode_prompt(prompt, 1, cfg.num_image_tokens)
+        pixels = encode_samples(model, tokenizer, [sample])[0].pixel_values
+        budget = len(tokenizer.encode(sample.turns[0].answer)) + 4
+        tokens = model.generate([ids], pixel_values=torch.from_numpy(pixels), max_new_tokens=budget).tokens[0]
+        vqa.append((ids, pixels, budget, tokens, sample.turns[0].answer))
+    cache[n] = {"mixed": mixed, "logits": logits, "vqa": vqa}
+    return cache[n]
+
+
 def measure_folder(folder: str | Path, model: TinyGPTV, tokenizer: TextTokenizer, n: int = 64) -> dict[str, Any]:
     """One row of the quality table for `folder`, against the fp32 PyTorch `model` on n held-out samples per metric."""
     from training.metrics import vqa_exact
 
     start = time.monotonic()
     folder = Path(folder)
-    cfg = model.config
-    onnx_model = FolderModel(folder, cfg)
-    mixed = encode_samples(model, tokenizer, synthetic_samples(EVAL_SPLIT, n, PERPLEXITY_TASKS))
+    onnx_model = FolderModel(folder, model.config)
+    reference = pytorch_reference(model, tokenizer, n)
+    mixed = reference["mixed"]
     nll, count, worst = 0.0, 0, 0.0
-    for seq in mixed:
+    for seq, ref in zip(mixed, reference["logits"]):
         logits = onnx_model.logits(onnx_model.embeds(seq.input_ids, seq.pixel_values))  # [1, T, V]
-        with torch.no_grad():
-            feed = decoder_feed(seq.inputs_embeds, cfg)
-            ref, _ = model.decode(
-                *(torch.from_numpy(feed[k]) for k in ("inputs_embeds", "attention_mask", "position_ids"))
-            )
-        worst = max(worst, float(np.abs(logits - ref.numpy()).max()))
+        worst = max(worst, float(np.abs(logits - ref).max()))
         targets = seq.labels[0, 1:]  # the logit at t predicts token t+1
         keep = targets != -100
         log_probs = torch.log_softmax(torch.from_numpy(logits[0, :-1]).double(), -1).numpy()
         nll -= float(log_probs[np.arange(len(targets))[keep], targets[keep]].sum())
         count += int(keep.sum())
     correct = equal = 0
-    vqa = synthetic_samples(EVAL_SPLIT, n, ("vqa",))
-    for sample in vqa:
-        prompt = apply_template(sample.turns[0].instruction, TEMPLATE_STAGE4)
-        ids = tokenizer.encode_prompt(prompt, 1, cfg.num_image_tokens)
-        pixels = encode_samples(model, tokenizer, [sample])[0].pixel_values
-        budget = len(tokenizer.encode(sample.turns[0].answer)) + 4
+    vqa = reference["vqa"]
+    for ids, pixels, budget, expected_tokens, answer in vqa:
         tokens = onnx_model.greedy(ids, pixels, budget)
-        reference = model.generate([ids], pixel_values=torch.from_numpy(pixels), max_new_tokens=budget).tokens[0]
-        equal += tokens == reference
-        correct += vqa_exact(tokenizer.decode(tokens), [sample.turns[0].answer])
+        equal += tokens == expected_tokens
+        correct += vqa_exact(tokenizer.decode(tokens), [answer])
     return {
         "folder_bytes": folder_size(folder),
         "decoder_bytes": sum(p.stat().st_size for p in folder.glob("decoder.onnx*")),
