@@ -16,6 +16,10 @@ Steps (each model is kept under --out/models and reused by later runs unless --r
 5. the sweep: ours (our runtime), ours through onnxruntime-genai, the builder's graph through onnxruntime-genai,
    llama-bench, transformers bf16; text prompts of exactly --prompt-tokens synthetic ids, exactly --new-tokens.
 Each build step runs in its own process, so its memory is returned before the next one.
+
+On a machine shared with other work, prefer --threads 1 for comparisons: with 2 threads on 2 oversubscribed cores,
+llama.cpp's spinning thread barrier collapses (llama-bench tg16 at load average 8: 1.6 tok/s with -t 2, 27 with -t 1),
+and onnxruntime's pools suffer less but unevenly, so the ratios stop meaning anything.
 """
 
 from __future__ import annotations
