@@ -1,10 +1,10 @@
-"""Our runtime (runtime.Pipeline) on an export folder: the path a user of this kit runs.
+"""Our runtime (runtime.Pipeline) on an export folder: the path a user of this kit runs, through its public API.
 
-Exactly `new_tokens` greedy tokens, no early stop: the Pipeline always stops at EOS and the manifest's stop strings,
-so this runner drives the same decode loop the Pipeline uses (`runtime.generate.run_tokens` on `pipe.loop`) with no
-stop ids and a text stream without stop strings, timestamping each token as the loop yields it (see
-notes/requests_bench.md: a `min_new_tokens` option and per-token times on the Pipeline would make this a plain call).
-Text decoding of each token (the TextStream) stays in the loop, as in the Pipeline.
+    pipe.generate(image, prompt_ids=ids, max_new_tokens=N, min_new_tokens=N)   # greedy, exactly N tokens
+
+The Pipeline times its own phases (preprocess, vision, prefill) and every new token (`timings.token_times`, seconds
+from the call's start); they are placed on the harness's clock from the call's start. Text decoding of each token
+stays in the loop, as for any user.
 """
 
 from __future__ import annotations
@@ -49,32 +49,19 @@ class OursRunner:
         }
 
     def run_once(self, clock: Clock) -> Sample:
-        from runtime.generate import RunState, TextStream, run_tokens
-        from runtime.sampling import Sampler, SamplingParams
-
         c, pipe = self.config, self.pipe
-        m = pipe.manifest
-        start = clock()
-        phases: dict[str, int] = {}
-        features = None
-        if c.image:
-            features, pre_s, vision_s = pipe.encode_images([c.image])  # [1, N, D]
-            phases["preprocess"], phases["vision"] = int(pre_s * 1e9), int(vision_s * 1e9)
         ids = c.prompt_ids if c.image else c.text_ids
-        sampler = Sampler(SamplingParams(), m.decoder.vocab_size, banned_ids=(m.image_token_id,))
-        stream = TextStream(pipe.tokenizer, ())
-        state = RunState(rows=1)
-        tokens: list[int] = []
-        for _pieces in run_tokens(
-            pipe.loop, [ids], features, sampler, c.new_tokens, (), [stream], state, m.pad_token_id
-        ):
-            tokens.append(clock())
+        start = clock()
+        result = pipe.generate(c.image, prompt_ids=ids, max_new_tokens=c.new_tokens, min_new_tokens=c.new_tokens)
         end = clock()
-        phases["prefill"] = int(state.prefill_s * 1e9)
-        if len(state.new[0]) != c.new_tokens:
-            raise RuntimeError(f"ours: {len(state.new[0])} tokens instead of exactly {c.new_tokens}")
-        self.last_tokens = list(state.new[0])
-        return Sample(start, end, tokens, phases)
+        t = result.timings
+        if len(result.tokens) != c.new_tokens or len(t.token_times) != c.new_tokens:
+            raise RuntimeError(f"ours: {len(result.tokens)} tokens instead of exactly {c.new_tokens}")
+        phases = {"prefill": int(t.prefill_s * 1e9)}
+        if c.image:
+            phases["preprocess"], phases["vision"] = int(t.preprocess_s * 1e9), int(t.vision_s * 1e9)
+        self.last_tokens = list(result.tokens)
+        return Sample(start, end, [start + int(sec * 1e9) for sec in t.token_times], phases)
 
     def close(self) -> None:
         self.pipe = None
