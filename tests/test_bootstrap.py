@@ -1,0 +1,160 @@
+"""The demo bootstrap: tokenizer, vision targets, the shared-norm decoder, and folders the stages load strictly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from training.data.synthetic import SyntheticWorld
+from training.data.synthetic_scene import Scene, ShapeObject
+
+
+@pytest.fixture(scope="module")
+def world() -> SyntheticWorld:
+    return SyntheticWorld(seed=0, image_size=64)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_demo_tokenizer_layout_and_round_trip(world: SyntheticWorld) -> None:
+    from training.tokenizer_train import ENDOFTEXT, train_world_tokenizer, world_texts
+
+    cfg = ModelConfig.preset("demo")
+    tok = train_world_tokenizer(world, cfg, n_scenes=40)
+    assert tok.vocab_size <= cfg.prompt.image_token_id == 1023
+    assert tok.tokenizer.token_to_id(ENDOFTEXT) == 0 == tok.bos_token_id == tok.eos_token_id
+    ids = tok.encode("{<12><30><40><77>}")
+    assert [tok.tokenizer.id_to_token(i) for i in ids] == ["{", "<12>", "<30>", "<40>", "<77>", "}"]
+    assert tok.decode(tok.encode_prompt("[INST] <Img><ImageHere></Img> [vqa] x [/INST]", 1, 32)) == (
+        "[INST] <Img></Img> [vqa] x [/INST]"  # BOS skipped, image ids dropped
+    )
+    texts = list(world_texts(SyntheticWorld(seed=5, image_size=64), 20, split="test"))  # another world, held out
+    assert len(texts) > 500
+    assert [t for t in texts if tok.decode(tok.encode(t)) != t] == []
+
+
+def test_tiny_tokenizer_fits_under_its_image_token(world: SyntheticWorld) -> None:
+    from training.tokenizer_train import train_world_tokenizer, world_texts
+
+    cfg = ModelConfig.preset("tiny")
+    tok = train_world_tokenizer(world, cfg, n_scenes=10)
+    assert tok.vocab_size == 127 == cfg.prompt.image_token_id  # every id below the image id
+    texts = list(world_texts(world, 10))  # no byte fallback at 127 ids: the text it was trained on
+    assert [t for t in texts if tok.decode(tok.encode(t)) != t] == []
+
+
+# ---------------------------------------------------------------------------------------------- vision targets
+def _scene() -> Scene:
+    from PIL import Image
+
+    objects = (
+        ShapeObject("red", "circle", "small", (4, 4, 12, 12), 0),  # cell 0, pixels 4..15 of 64
+        ShapeObject("blue", "star", "large", (40, 40, 20, 20), 8),  # cell 8, pixels 40..59
+    )
+    return Scene("train", 0, Image.new("RGB", (64, 64), "white"), objects, "white")
+
+
+def test_scene_and_patch_targets_by_hand() -> None:
+    from training.bootstrap_vision import COLOUR_NAMES, patch_targets, scene_targets
+
+    t = scene_targets([_scene()])
+    red, blue = COLOUR_NAMES.index("red") + 1, COLOUR_NAMES.index("blue") + 1
+    assert t.cell_colour[0].tolist() == [red, 0, 0, 0, 0, 0, 0, 0, blue]
+    assert t.cell_shape[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 4]  # circle is shape 1, star shape 4
+    assert t.cell_size[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert t.cell_box[0, 0].tolist() == pytest.approx([0.06, 0.06, 0.25, 0.25])  # int(4/64*100)=6, int(16/64*100)=25
+    assert t.count.tolist() == [2] and t.shape_count[0].tolist() == [1, 0, 0, 1]
+    assert t.pairs[0].sum() == 2
+    square, triangle = _one_object("square"), _one_object("triangle")
+    colour, shape = patch_targets([square, triangle], grid=8)  # 8 px patches over a 24 px box at the corner
+    square_grid, triangle_grid = shape[0].view(8, 8), shape[1].view(8, 8)
+    assert square_grid[:3, :3].tolist() == [[2] * 3] * 3 and int((square_grid > 0).sum()) == 9
+    assert triangle_grid[0, 0] == 0 and triangle_grid[0, 2] == 0  # the triangle leaves its box's top corners empty
+    assert triangle_grid[2].tolist()[:3] == [3, 3, 3]  # and fills its base
+    assert int((colour[0] > 0).sum()) == 9 and colour[0, 0] == COLOUR_NAMES.index("red") + 1
+
+
+def _one_object(shape: str) -> Scene:
+    from PIL import Image
+
+    return Scene(
+        "train",
+        0,
+        Image.new("RGB", (64, 64), "white"),
+        (ShapeObject("red", shape, "large", (0, 0, 24, 24), 0),),
+        "white",
+    )
+
+
+def test_normed_decoder_shares_the_stock_weights() -> None:
+    from core.phi import PhiDecoder
+    from training.bootstrap_lm import shared_normed_decoder
+
+    torch.manual_seed(0)
+    lm = ModelConfig.preset("tiny").language_model.replace(qk_layernorm=False, post_attention_rmsnorm=False)
+    stock = PhiDecoder(lm)
+    normed = shared_normed_decoder(stock)
+    assert normed.model.layers[0].self_attn.q_proj.weight is stock.model.layers[0].self_attn.q_proj.weight
+    assert not normed.model.layers[0].self_attn.q_layernorm.weight.requires_grad
+    x, mask = torch.randn(1, 5, lm.hidden_size), torch.ones(1, 5, dtype=torch.long)
+    pos = torch.arange(5)[None]
+    with torch.no_grad():
+        assert not torch.allclose(stock(x, mask, pos)[0], normed(x, mask, pos)[0], atol=1e-3)  # the norms matter
+        stock.lm_head.bias.add_(1.0)  # one shared tensor: a change to the stock model is seen by the normed one
+        assert torch.allclose(normed.lm_head.bias, stock.lm_head.bias)
+
+
+def test_vqa_text_is_cleaned_as_the_loaders_clean_it(world: SyntheticWorld) -> None:
+    from training.bootstrap_lm import as_loaded
+
+    sample = world.sample(0, "vqa", "train")
+    cleaned = as_loaded(sample)
+    q = sample.meta["question"]
+    assert q[0].isupper() and q.lower() in cleaned.turns[0].instruction and q not in cleaned.turns[0].instruction
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    from training.bootstrap import BootstrapSettings, bootstrap
+
+    out = tmp_path_factory.mktemp("bootstrap") / "base"
+    bootstrap(out, ModelConfig.preset("tiny"), seed=0, settings=BootstrapSettings.preset("tiny"))
+    return out
+
+
+def test_bootstrap_folders_load_as_real_base_weights(tiny_base: Path) -> None:
+    from core.model import TinyGPTV
+    from core.phi import PhiDecoder
+    from core.tokenizer import TextTokenizer
+    from core.weights import load_blip2_folder, load_phi_folder, load_safetensors
+
+    cfg = ModelConfig.preset("tiny")
+    model = TinyGPTV(cfg)  # TinyGPT-V's LM: q/k LayerNorm and post-attention RMSNorm on
+    assert load_blip2_folder(model, tiny_base / "vision") == []
+    saved = load_safetensors(tiny_base / "vision")
+    assert torch.equal(model.query_tokens, saved["query_tokens"])
+    missing = load_phi_folder(model.language_model, tiny_base / "lm")
+    layers = cfg.language_model.num_layers
+    assert len(missing) == 5 * layers  # q/k LayerNorm weight+bias and the RMSNorm weight per layer: the stages add them
+    assert all("layernorm" in k for k in missing)
+    phi_config = json.loads((tiny_base / "lm" / "config.json").read_text())
+    assert phi_config["qk_layernorm"] is False and phi_config["model_type"] == "phi"
+    stock = PhiDecoder(cfg.language_model.replace(qk_layernorm=False, post_attention_rmsnorm=False))
+    assert load_phi_folder(stock, tiny_base / "lm") == []  # a stock Phi loads it with nothing missing
+    tok = TextTokenizer.from_dir(tiny_base / "lm", 0, 0, cfg.prompt.image_token_id)
+    assert tok.decode(tok.encode("[refer] where is the red circle ?")) == "[refer] where is the red circle ?"
+
+
+def test_bootstrap_report(tiny_base: Path) -> None:
+    report = json.loads((tiny_base / "bootstrap.json").read_text())
+    assert report["vision"]["steps_done"] == 2 and report["vision"]["images_seen"] == 8
+    assert report["language"]["steps_done"] == 2
+    assert report["tokenizer"]["vocab_size"] == 127
+    assert not list(tiny_base.glob(".*.tmp"))  # temporary folders renamed away
+    assert set(report["language"]["answer_loss"]) == {"stock", "with_fresh_tinygptv_norms"}
+    assert 0.0 <= report["language"]["quick_eval"]["64"]["vqa_all"] <= 1.0
+    assert set(report["vision"]["probe"]) == {"32", "64"}
