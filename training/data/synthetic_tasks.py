@@ -19,8 +19,14 @@ from core.boxes import format_box, format_grounded
 from core.prompts import IMAGE_TEXT, with_image
 from training.data.sample import Sample, Turn
 from training.data.synthetic_scene import COLOURS, POSITION_PHRASES, SHAPES, Scene, ShapeObject
+from training.data.text import (  # the original's instruction pools, shared with the real-format loaders
+    DETECTION_TEMPLATE,
+    GROUNDING_TEMPLATES,
+    IDENTIFY_TEMPLATES,
+    REFER_TEMPLATES,
+    VQA_TEMPLATES,
+)
 
-VQA_TEMPLATES = ("[vqa] {}", "[vqa] Based on the image, respond to this question with a short answer: {}")
 CAPTION_PROMPTS = (  # TextCaps' 17 short-caption prompts, after the [caption] tag
     "Briefly describe this image.",
     "Provide a concise depiction of this image.",
@@ -40,31 +46,6 @@ CAPTION_PROMPTS = (  # TextCaps' 17 short-caption prompts, after the [caption] t
     "Using language, provide a short account of the image.",
     "Use a few words to illustrate what is happening in the picture.",
 )
-REFER_TEMPLATES = (
-    "[refer] {}",
-    "[refer] give me the location of {}",
-    "[refer] where is {} ?",
-    "[refer] from this image, tell me the location of {}",
-    "[refer] the location of {} is",
-    "[refer] could you tell me the location for {} ?",
-    "[refer] where can I locate the {} ?",
-)
-IDENTIFY_TEMPLATES = (
-    "[identify] {}",
-    "[identify] what object is in this location {}",
-    "[identify] identify the object present at this location {}",
-    "[identify] what is it in {}",
-    "[identify] describe this object in {}",
-    "[identify] this {} is",
-    "[identify] the object in {} is",
-)
-GROUNDING_TEMPLATES = (
-    "[grounding] please describe this image in details",
-    "[grounding] describe this image as detailed as possible",
-    "[grounding] summarize this image in details",
-    "[grounding] give a thorough description of what you see in this image",
-)
-DETECTION_TEMPLATE = "[detection] {}"
 ALIGNMENT_PROMPTS = (  # MiniGPT-4 prompts/alignment.txt (stage 3)
     "Describe this image in detail.",
     "Take a look at this image and describe what you notice.",
