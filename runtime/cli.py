@@ -134,16 +134,23 @@ def print_timings(result: GenerationResult) -> None:
           f"{result.timings.describe()}", file=sys.stderr)  # fmt: skip
 
 
-def run_single(pipe: Any, args: argparse.Namespace, image: Any) -> int:
-    stream = pipe.stream(image, args.prompt, **sampling_kwargs(args))
+def write_stream(stream: Any, quiet: bool) -> bool:
+    """Write a stream's pieces to stdout as they come (unless quiet). False if Ctrl-C stopped it (the stream is closed)."""
     pieces = iter(stream)
     try:
         for piece in pieces:
-            if not args.json:
+            if not quiet:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
     except KeyboardInterrupt:
         pieces.close()
+        return False
+    return True
+
+
+def run_single(pipe: Any, args: argparse.Namespace, image: Any) -> int:
+    stream = pipe.stream(image, args.prompt, **sampling_kwargs(args))
+    if not write_stream(stream, quiet=args.json):
         print("\n[stopped]", file=sys.stderr)
         return 130
     result = stream.result

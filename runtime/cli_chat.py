@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from core.image import load_image
-from runtime.cli import print_timings, sampling_kwargs
+from runtime.cli import print_timings, sampling_kwargs, write_stream
 from runtime.errors import INPUT_ERRORS
 
 HELP = "/image PATH: talk about another image | /reset: forget the conversation | /quit or Ctrl-D: leave"
@@ -34,14 +34,7 @@ def answer(chat: Any, prompt: str, args: argparse.Namespace) -> None:
     """Stream one answer to stdout; Ctrl-C stops it and keeps what was said."""
     kwargs = sampling_kwargs(args)
     stream = chat.stream(prompt, **kwargs)
-    pieces = iter(stream)
-    try:
-        for piece in pieces:
-            if not args.json:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-    except KeyboardInterrupt:
-        pieces.close()
+    if not write_stream(stream, quiet=args.json):
         sys.stdout.write(" [stopped]")
     if args.json and stream.result is not None:
         sys.stdout.write(json.dumps(stream.result.to_dict(), ensure_ascii=False))

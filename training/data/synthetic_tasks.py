@@ -20,6 +20,12 @@ from core.prompts import IMAGE_TEXT, with_image
 from training.data.sample import Sample, Turn
 from training.data.synthetic_scene import COLOURS, POSITION_PHRASES, SHAPES, Scene, ShapeObject
 from training.data.text import (  # the original's instruction pools, shared with the real-format loaders
+    ALIGNMENT_PROMPTS as _ALIGNMENT_LINES,
+)
+from training.data.text import (
+    CAPTION_PROMPTS as _TEXTCAPS_PROMPTS,
+)
+from training.data.text import (
     DETECTION_TEMPLATE,
     GROUNDING_TEMPLATES,
     IDENTIFY_TEMPLATES,
@@ -27,31 +33,10 @@ from training.data.text import (  # the original's instruction pools, shared wit
     VQA_TEMPLATES,
 )
 
-CAPTION_PROMPTS = (  # TextCaps' 17 short-caption prompts, after the [caption] tag
-    "Briefly describe this image.",
-    "Provide a concise depiction of this image.",
-    "Present a short description of this image.",
-    "Summarize this image in a few words.",
-    "A short image caption:",
-    "A short image description:",
-    "A photo of",
-    "An image that shows",
-    "Write a short description for the image.",
-    "Write a description for the photo.",
-    "Provide a description of what is presented in the photo.",
-    "Briefly describe the content of the image.",
-    "Can you briefly explain what you see in the image?",
-    "Could you use a few words to describe what you perceive in the photo?",
-    "Please provide a short depiction of the picture.",
-    "Using language, provide a short account of the image.",
-    "Use a few words to illustrate what is happening in the picture.",
-)
-ALIGNMENT_PROMPTS = (  # MiniGPT-4 prompts/alignment.txt (stage 3)
-    "Describe this image in detail.",
-    "Take a look at this image and describe what you notice.",
-    "Please provide a detailed description of the picture.",
-    "Could you describe the contents of this image for me?",
-)
+# TextCaps' short-caption prompts after the [caption] tag, without the original's stray trailing spaces.
+CAPTION_PROMPTS = tuple(p.strip() for p in _TEXTCAPS_PROMPTS)
+# MiniGPT-4 prompts/alignment.txt (stage 3) without the image text, which `with_image` adds back.
+ALIGNMENT_PROMPTS = tuple(p.replace(IMAGE_TEXT, "").strip() for p in _ALIGNMENT_LINES)
 LLAVA_DETAIL_QUESTIONS = (
     "Describe the following image.",
     "What is this photo about?",
