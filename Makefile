@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
+# export's data: image + prompt + answer files (the runtime's requests format) written from the synthetic world
+CALIB := --calib-data runs/demo/calib/requests.jsonl
+EVAL := --eval-data runs/demo/eval/requests.jsonl
 
 .PHONY: setup demo test bench lint format clean
 
@@ -24,9 +27,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # stages whose done.json exists, so a second `make demo` goes straight to export.
 demo: $(STAMP)
 	$(PY) -m training --preset demo --out runs/demo
-	$(PY) -m export.onnx --model runs/demo/final --out exports/demo-fp32 --precision fp32 --force
-	$(PY) -m export.onnx --model runs/demo/final --out exports/demo-int4 --precision int4 --quant gptq --force
-	$(PY) -m export.quality --model runs/demo/final --out reports/demo-quality --variants fp32,int4-rtn,int4-gptq --force
+	$(PY) -m training.data.synthetic --seed 0 --split train --n 64 --out runs/demo/calib --formats requests --force
+	$(PY) -m training.data.synthetic --seed 0 --split test --n 64 --out runs/demo/eval --formats requests --force
+	$(PY) -m export.onnx --model runs/demo/final --out exports/demo-fp32 --precision fp32 $(EVAL) --force
+	$(PY) -m export.onnx --model runs/demo/final --out exports/demo-int4 --precision int4 --quant gptq $(CALIB) $(EVAL) --force
+	$(PY) -m export.quality --model runs/demo/final --out reports/demo-quality --variants fp32,int4-rtn,int4-gptq \
+		$(CALIB) $(EVAL) --force
 	$(PY) -m training.data.synthetic --seed 0 --split val --n 7 --out runs/demo/requests --formats requests --force
 	$(PY) -m runtime --model exports/demo-int4 --batch runs/demo/requests/requests.jsonl \
 		--out runs/demo/requests/answers.jsonl --max-new-tokens 48

@@ -1,33 +1,57 @@
 """Multimodal calibration and evaluation sequences for quantization: image + templated prompt + answer, as inputs_embeds.
 
-    seqs = multimodal_sequences(model, tokenizer, n=32, split="train")   # synthetic world scenes, several task formats
-    reader = DecoderCalibrationReader(seqs, model.config)                # onnxruntime CalibrationDataReader for GPTQ
+    examples = read_examples("runs/demo/calib/requests.jsonl")       # image + prompt + expected answer, one per line
+    seqs = multimodal_sequences(model, tokenizer, "runs/demo/calib/requests.jsonl", n=32)
+    reader = DecoderCalibrationReader(seqs, model.config)              # onnxruntime CalibrationDataReader for GPTQ
 
 Calibrating the decoder on text alone misses what it sees most at inference: the 32 projected image vectors at the
-start of every prompt, whose statistics differ from token embeddings. So each sequence is built as training builds it
-(training.collate.Collator: stage-4 template, BOS, image ids at the placeholder, answer + EOS), its image goes through
-`encode_image`, and `embed` puts the image vectors in place; the decoder is calibrated on the resulting inputs_embeds.
-Samples come from the synthetic world (training.data.synthetic), the same data the demo model trains on; the held-out
-split ("test") gives the quality table's perplexity and accuracy sequences.
+start of every prompt, whose statistics differ from token embeddings. So each sequence is built as training builds a
+stage-4 sample (BOS, `[INST] <Img><ImageHere></Img> prompt [/INST]` with the image ids in place, answer + EOS, the
+answer supervised), its image goes through `encode_image`, and `embed` puts the image vectors in place; the decoder
+is calibrated on the resulting inputs_embeds.
+
+The data is a file, not a package: the runtime's request format (`python -m runtime --batch`), one JSON object a line
+with "image" (a path, relative to the file's folder), "prompt" (what a user types: task tag + question) and
+"expected" (the answer), optionally "task" (vqa, caption, refer, ...). The demo writes such files from the synthetic
+world (`python -m training.data.synthetic --split train --formats requests`); with real data, write a few dozen lines
+from the training set (calibration) or a held-out set (the quality table). So export/ never imports training/.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 from core.config import ModelConfig
+from core.image import ImageError, load_image, preprocess_for
 from core.model import TinyGPTV
+from core.prompts import TEMPLATE_STAGE4, PromptError, build_prompt
 from core.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_TASKS = ("vqa", "caption", "refer", "identify", "grounding", "detail", "conversation")
-CALIBRATION_SEED = 0
+IGNORE = -100  # label of the positions that are not supervised (prompt, image ids)
+DATA_FORMAT = 'one JSON object a line: {"image": path, "prompt": text, "expected": answer, "task": optional}'
+
+
+class CalibrationDataError(ValueError):
+    """A calibration / evaluation file that cannot be read, with the file, the line and what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One line of a calibration / evaluation file."""
+
+    image: Path
+    prompt: str
+    answer: str
+    task: str = ""
 
 
 @dataclass
@@ -35,63 +59,101 @@ class Sequence:
     """One calibration / evaluation sequence, batch 1, no padding."""
 
     input_ids: np.ndarray  # [1, T] int64, image ids in place
-    labels: np.ndarray  # [1, T] int64, -100 outside the answers (the answer tokens and their EOS)
+    labels: np.ndarray  # [1, T] int64, -100 outside the answer tokens and their EOS
     pixel_values: np.ndarray  # [1, 3, S, S] float32
     inputs_embeds: np.ndarray  # [1, T, D] float32, image vectors in place (PyTorch fp32 encode_image + embed)
+    prompt_length: int = 0  # tokens before the answer: input_ids[0, :prompt_length] is the generation prompt
     meta: dict = field(default_factory=dict)
 
 
-def synthetic_samples(split: str, n: int, tasks: tuple[str, ...] = CALIBRATION_TASKS, seed: int = CALIBRATION_SEED):
-    """n samples of `split` cycling through `tasks`, one scene each (scene i gets task i mod len(tasks))."""
-    from training.data.synthetic import SyntheticWorld  # the training package; only the exporter needs it
+def read_examples(path: str | Path, n: int | None = None) -> list[Example]:
+    """The first `n` (all if None) examples of a calibration / evaluation file; any bad line fails naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"{path}: no such calibration / evaluation file ({DATA_FORMAT})")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CalibrationDataError(f"{path}:{number}: not valid JSON ({err})") from None
+        fields = (data.get("image"), data.get("prompt"), data.get("expected")) if isinstance(data, dict) else ()
+        if len(fields) != 3 or not all(isinstance(f, str) and f for f in fields):
+            raise CalibrationDataError(f"{path}:{number}: needs text fields image, prompt and expected ({DATA_FORMAT})")
+        image = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
+        if not image.is_file():
+            raise CalibrationDataError(f"{path}:{number}: image {image} does not exist")
+        examples.append(Example(image, fields[1], fields[2], str(data.get("task") or "")))
+        if n is not None and len(examples) == n:
+            break
+    if not examples:
+        raise CalibrationDataError(f"{path}: no examples ({DATA_FORMAT})")
+    return examples
 
-    world = SyntheticWorld(seed=seed)
-    return [world.sample(i, tasks[i % len(tasks)], split) for i in range(n)]
+
+def check_data(path: str | Path | None, flag: str = "--calib-data") -> None:
+    """Fail early, before any slow work, when the file named by `flag` is missing or its first example is bad."""
+    if path is None:
+        raise CalibrationDataError(
+            f"GPTQ calibrates on image + prompt + answer examples: pass {flag} FILE.jsonl ({DATA_FORMAT}; "
+            "the demo's: python -m training.data.synthetic --split train --formats requests)"
+        )
+    read_examples(path, 1)
 
 
 @torch.no_grad()
-def encode_samples(
-    model: TinyGPTV, tokenizer: TextTokenizer, samples, template: str = "stage4", max_txt_len: int = 96
-) -> list[Sequence]:
-    """Samples -> sequences exactly as the training collator builds them, plus their inputs_embeds."""
-    from training.collate import Collator
-
-    collator = Collator(tokenizer, model.config, template=template, max_txt_len=max_txt_len)
+def encode_examples(model: TinyGPTV, tokenizer: TextTokenizer, examples: list[Example]) -> list[Sequence]:
+    """Examples -> stage-4 sequences as training builds them, plus their inputs_embeds."""
+    cfg = model.config
     sequences = []
-    for sample in samples:
-        batch = collator([sample])
-        features = model.encode_image(batch.pixel_values)  # [1, N, D]
-        embeds = model.embed(batch.input_ids, features)  # [1, T, D]
+    for example in examples:
+        try:
+            prompt = tokenizer.encode_prompt(build_prompt(example.prompt, TEMPLATE_STAGE4), 1, cfg.num_image_tokens)
+            pixels = preprocess_for(load_image(example.image), cfg.image)[None]  # [1, 3, S, S]
+        except (PromptError, ImageError) as err:
+            raise CalibrationDataError(f"{example.image}: {err}") from None
+        answer = tokenizer.encode(example.answer) + [tokenizer.eos_token_id]
+        input_ids = torch.tensor([prompt + answer])  # [1, T]
+        features = model.encode_image(torch.from_numpy(pixels))  # [1, N, D]
+        embeds = model.embed(input_ids, features)  # [1, T, D]
         sequences.append(
             Sequence(
-                batch.input_ids.numpy(),
-                batch.labels.numpy(),
-                batch.pixel_values.numpy(),
+                input_ids.numpy(),
+                np.array([[IGNORE] * len(prompt) + answer], np.int64),
+                pixels.astype(np.float32),
                 embeds.float().numpy(),
-                {"source": sample.source, "task": sample.task, **sample.meta},
+                len(prompt),
+                {"task": example.task, "answer": example.answer},
             )
         )
     return sequences
 
 
 def multimodal_sequences(
-    model: TinyGPTV, tokenizer: TextTokenizer | None, n: int, split: str = "train", seed: int = CALIBRATION_SEED
+    model: TinyGPTV, tokenizer: TextTokenizer | None, data: str | Path | None, n: int
 ) -> list[Sequence]:
+    """The first n examples of the file `data`, encoded (what GPTQ calibrates on)."""
     if tokenizer is None:
         raise ValueError("calibration needs the model's tokenizer (tokenizer.json in the model folder, or --tokenizer)")
+    check_data(data)
     if n < 1:
         raise ValueError(f"--calib-samples must be at least 1, got {n}")
-    return encode_samples(model.eval(), tokenizer, synthetic_samples(split, n, seed=seed))
+    examples = read_examples(data, n)
+    if len(examples) < n:
+        logger.warning("%s holds %d examples, fewer than the %d asked for: calibrating on all", data, len(examples), n)
+    return encode_examples(model.eval(), tokenizer, examples)
 
 
-def describe(sequences: list[Sequence], split: str = "train", seed: int = CALIBRATION_SEED) -> dict:
+def describe(sequences: list[Sequence], data: str | Path) -> dict:
     """The manifest's record of the calibration data."""
     tasks: dict[str, int] = {}
     for seq in sequences:
-        key = seq.meta.get("task") or seq.meta.get("source", "?")
+        key = seq.meta.get("task") or "untagged"
         tasks[key] = tasks.get(key, 0) + 1
     return {
-        "source": f"synthetic world seed {seed}, split {split!r} (training.data.synthetic)",
+        "source": str(data),
         "format": "stage-4 template, image vectors in inputs_embeds, answer + EOS",
         "sequences": len(sequences),
         "tokens": int(sum(s.input_ids.shape[1] for s in sequences)),

@@ -1,6 +1,7 @@
 """The decoder as a standard GPTQ checkpoint, calibrated on multimodal sequences; loading it back; packing it into ONNX.
 
-    python -m export.gptq --model runs/demo/final --out exports/demo-gptq [--group-size 32] [--calib-samples 32] [--asym]
+    python -m export.gptq --model runs/demo/final --out exports/demo-gptq --calib-data runs/demo/calib/requests.jsonl \
+        [--group-size 32] [--calib-samples 32] [--asym]
     python -m export.onnx --model runs/demo/final --out exports/demo-int4 --precision int4 --gptq-checkpoint exports/demo-gptq
 
 The folder (written atomically; an existing --out is refused without --force):
@@ -108,19 +109,20 @@ def load_gptq_model(folder: str | Path, device: str = "cpu") -> TinyGPTV:
 
 def gptq_export(
     model: TinyGPTV, tokenizer, out: str | Path, bits: int = 4, group_size: int = 32, sym: bool = True,
-    calib_samples: int = 32, seed: int = 0, force: bool = False, tokenizer_file: Path | None = None,
+    calib_data: str | Path | None = None, calib_samples: int = 32, force: bool = False,
+    tokenizer_file: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Quantize a copy of `model`'s decoder with GPTQ on multimodal sequences and write the folder `out`."""
+    """Quantize a copy of `model`'s decoder with GPTQ on the multimodal sequences of `calib_data` and write `out`."""
     from export.calibration import describe, multimodal_sequences
 
     refuse_existing(out, force)
     start = time.monotonic()
-    sequences = multimodal_sequences(model, tokenizer, calib_samples, seed=seed)
+    sequences = multimodal_sequences(model, tokenizer, calib_data, calib_samples)
     work = TinyGPTV(model.config)
     work.load_state_dict(model.state_dict())
     quantized = quantize_decoder(work.language_model, [torch.from_numpy(s.inputs_embeds) for s in sequences],
                                  bits=bits, group_size=group_size, sym=sym)  # fmt: skip
-    qcfg = quantize_config(bits, group_size, sym, 0.01, describe(sequences, seed=seed))
+    qcfg = quantize_config(bits, group_size, sym, 0.01, describe(sequences, calib_data))
     qcfg["meta"]["seconds"] = round(time.monotonic() - start, 1)
     with staging_folder(out, force) as tmp:
         write_gptq_folder(tmp, work, quantized, qcfg)
@@ -196,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the GPTQ folder to write")
     parser.add_argument("--bits", type=int, default=4, choices=(4,))
     parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))
-    parser.add_argument("--calib-samples", type=int, default=32, help="multimodal calibration sequences")
+    parser.add_argument("--calib-data", required=True, help="calibration examples: image + prompt + answer, JSON lines")
+    parser.add_argument("--calib-samples", type=int, default=32, help="multimodal calibration sequences (first N)")
     parser.add_argument("--asym", action="store_true", help="asymmetric (own zero point per group); default symmetric")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -208,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         refuse_existing(args.out, args.force)
         model, model_dir = load_model(args.model)
         tokenizer = load_tokenizer(model, model_dir, None)
-        qcfg = gptq_export(model, tokenizer, args.out, args.bits, args.group_size, not args.asym, args.calib_samples,
-                           args.seed, args.force, model_dir / TOKENIZER_FILE)  # fmt: skip
+        qcfg = gptq_export(model, tokenizer, args.out, args.bits, args.group_size, not args.asym, args.calib_data,
+                           args.calib_samples, args.force, model_dir / TOKENIZER_FILE)  # fmt: skip
     except (ExportError, ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@
               | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
+--calib-data  GPTQ's calibration examples, --eval-data the held-out examples of the manifest's quality row: JSON lines
+              of image + prompt + expected answer (export/calibration.py; the demo writes them from the synthetic world).
 The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
 The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
 without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
@@ -35,6 +37,7 @@ from core.config import ConfigError, ModelConfig
 from core.model import TinyGPTV
 from core.tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError
 from core.weights import WEIGHTS_FILE, WeightsError
+from export.calibration import check_data
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
@@ -54,10 +57,12 @@ class ExportOptions:
     precision: str = "fp32"
     quant: str = "gptq"
     block_size: int = 32
+    calib_data: str | None = None  # image + prompt + answer examples for GPTQ (export.calibration)
     calib_samples: int = 32
     vision_precision: str | None = None  # None: fp32 for int4, else the same as `precision`
     gptq_checkpoint: str | None = None  # a `python -m export.gptq` folder: pack its integers instead of quantizing
-    quality_samples: int = 0  # > 0: measure the quality row (export.quality) on this many held-out samples
+    eval_data: str | None = None  # held-out examples: the quality row (export.quality) is measured on them
+    quality_samples: int = 32  # how many of them
     validate: bool = True
     seed: int = 0
 
@@ -145,8 +150,16 @@ def export_folder(
     model_path = Path(model_dir) if model_dir else None
     if model is None:
         model, model_path = load_model(model_dir, preset, options.seed)
-    if is_lazy(model) and options.precision == "int4" and "gptq" in options.quant and not options.gptq_checkpoint:
+    calibrated = options.precision == "int4" and "gptq" in options.quant and not options.gptq_checkpoint
+    if is_lazy(model) and calibrated:
         raise ExportError("GPTQ needs trained weights and calibration data; with --random-init use --quant rtn or hqq")
+    try:  # a missing or bad data file fails now, not after tracing
+        if calibrated:
+            check_data(options.calib_data, "--calib-data")
+        if options.eval_data:
+            check_data(options.eval_data, "--eval-data")
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
@@ -180,16 +193,14 @@ def export_folder(
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
         quality = None
-        if options.quality_samples > 0 and tokenizer is not None and not is_lazy(model):
+        if options.eval_data and options.quality_samples > 0 and tokenizer is not None and not is_lazy(model):
             from export.quality import measure_folder
 
-            logger.info("measuring quality on %d held-out samples", options.quality_samples)
-            quality = measure_folder(tmp, model, tokenizer, options.quality_samples)
+            logger.info("measuring quality on %d held-out examples of %s", options.quality_samples, options.eval_data)
+            quality = measure_folder(tmp, model, tokenizer, options.eval_data, options.quality_samples)
         source = _source(model, model_path, random_init=model_path is None)
         if tokenizer is None and is_lazy(model):
-            source["tokenizer"] = (
-                "stand-in byte-level BPE of the synthetic world (export.random_init), not the preset's"
-            )
+            source["tokenizer"] = "stand-in byte-level BPE (export.random_init), not the preset's"
         manifest = build_manifest(
             tmp, model.config, quantization, validation, source, _exporter(time.monotonic() - start)
         )
@@ -219,15 +230,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
     quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
-    quant.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration sequences")
+    quant.add_argument("--calib-data", help="GPTQ calibration examples: image + prompt + answer, JSON lines")
+    quant.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration sequences (the file's first N)")
     quant.add_argument("--gptq-checkpoint", help="int4 from this python -m export.gptq folder (same integers)")
     quant.add_argument("--vision-precision", choices=("fp32", "fp16", "int8"), help="vision graph (default: see above)")
     other = parser.add_argument_group("other")
     other.add_argument("--force", action="store_true", help="replace an existing --out")
     other.add_argument("--no-validate", action="store_true", help="skip the PyTorch comparison (not recommended)")
-    other.add_argument(
-        "--quality-samples", type=int, default=32, help="held-out samples for the quality row in the manifest (0: skip)"
-    )
+    other.add_argument("--eval-data", help="held-out examples (JSON lines): the manifest gets a quality row on them")
+    other.add_argument("--quality-samples", type=int, default=32, help="how many --eval-data examples to measure")
     other.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.random_init != (args.model is None) or (args.random_init and not args.preset):
@@ -239,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size,
-                            calib_samples=args.calib_samples, vision_precision=args.vision_precision,
-                            gptq_checkpoint=args.gptq_checkpoint, quality_samples=args.quality_samples,
+                            calib_data=args.calib_data, calib_samples=args.calib_samples,
+                            vision_precision=args.vision_precision, gptq_checkpoint=args.gptq_checkpoint,
+                            eval_data=args.eval_data, quality_samples=args.quality_samples,
                             validate=not args.no_validate, seed=args.seed)  # fmt: skip
     try:
         manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer)

@@ -1,18 +1,21 @@
 """What a precision costs: size, logit error, answer perplexity and accuracy of an export folder on held-out data.
 
-    row = measure_folder(folder, model, tokenizer, n=64)      # one row; export.onnx stores it as manifest["quality"]
-    python -m export.quality --model runs/demo/final --out exports/demo-quality [--samples 64] [--force]
+    row = measure_folder(folder, model, tokenizer, "runs/demo/eval/requests.jsonl", n=64)   # manifest["quality"]
+    python -m export.quality --model runs/demo/final --out exports/demo-quality \
+        --calib-data runs/demo/calib/requests.jsonl --eval-data runs/demo/eval/requests.jsonl [--samples 64] [--force]
         exports fp32, fp16, int8, int4-rtn, int4-hqq, int4-gptq (export.gptq's integers) and int4-gptq-ort
         (onnxruntime's GPTQ), and int4-gptq with an fp16 or int8 vision graph (what the vision precision costs) side by
         side (fp32 graphs traced once) and writes quality.md + quality.json.
 
-Held-out data: the synthetic world's "test" split (never seen in training or calibration). Per folder, run with its own
-vision, embedding and decoder graphs:
-  - max_logit_diff: largest |logit - PyTorch fp32 logit| over the teacher-forced evaluation sequences;
-  - answer_perplexity: exp(mean NLL of the answer tokens and their EOS), teacher-forced, mixed tasks;
-  - accuracy: greedy VQA answers (stage-4 template, EOS stop) scored by training.metrics.vqa_exact (exact match after
-    the official VQA normalisation), as training.eval scores the PyTorch model;
-  - greedy_equal_pytorch: share of VQA prompts whose greedy tokens equal the PyTorch fp32 model's.
+Held-out data: a file of image + prompt + expected answer examples (export.calibration's format, the runtime's
+requests; the demo's is the synthetic world's "test" split, never seen in training or calibration). Per folder, run
+with its own vision, embedding and decoder graphs, on the first n examples:
+  - max_logit_diff: largest |logit - PyTorch fp32 logit| over the teacher-forced sequences;
+  - answer_perplexity: exp(mean NLL of the answer tokens and their EOS), teacher-forced;
+  - accuracy: greedy answers (stage-4 template, EOS stop) of every example but captions, scored by
+    core.metrics.answer_matches (VQA exact match after the official normalisation; a box by IoU >= 0.5), as
+    training.eval scores the PyTorch model; accuracy_by_task splits it by the examples' "task";
+  - greedy_equal_pytorch: share of those prompts whose greedy tokens equal the PyTorch fp32 model's.
 """
 
 from __future__ import annotations
@@ -27,18 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.metrics import answer_matches
 from core.model import TinyGPTV
 from core.phi import position_ids_from_mask
-from core.prompts import TEMPLATE_STAGE4, apply_template
 from core.tokenizer import TextTokenizer
-from export.calibration import decoder_feed, encode_samples, synthetic_samples
+from export.calibration import check_data, decoder_feed, encode_examples, read_examples
 from export.folder import CliParser, folder_size
 from export.validate import open_session
 
 logger = logging.getLogger("export.quality")
 
-EVAL_SPLIT = "test"
-PERPLEXITY_TASKS = ("vqa", "caption", "refer", "identify")
+UNSCORED_TASKS = ("caption",)  # free text: in the perplexity, not in the accuracy
 
 
 class FolderModel:
@@ -83,42 +85,42 @@ class FolderModel:
 
 
 @torch.no_grad()
-def pytorch_reference(model: TinyGPTV, tokenizer: TextTokenizer, n: int) -> dict[str, Any]:
-    """The held-out sequences, PyTorch's teacher-forced logits and greedy VQA tokens: the same for every variant, so
-    computed once per (model, n) and kept on the model object."""
+def pytorch_reference(model: TinyGPTV, tokenizer: TextTokenizer, data: str | Path, n: int) -> dict[str, Any]:
+    """The held-out sequences, PyTorch's teacher-forced logits and greedy answers: the same for every variant, so
+    computed once per (model, data, n) and kept on the model object."""
     cache = model.__dict__.setdefault("_quality_reference", {})
-    if n in cache:
-        return cache[n]
+    key = (str(data), n)
+    if key in cache:
+        return cache[key]
     cfg = model.config
-    mixed = encode_samples(model, tokenizer, synthetic_samples(EVAL_SPLIT, n, PERPLEXITY_TASKS))
-    logits = []
-    for seq in mixed:
+    sequences = encode_examples(model, tokenizer, read_examples(data, n))
+    logits, greedy = [], []
+    for seq in sequences:
         feed = decoder_feed(seq.inputs_embeds, cfg)
         names = ("inputs_embeds", "attention_mask", "position_ids")
         logits.append(model.decode(*(torch.from_numpy(feed[k]) for k in names))[0].numpy())  # [1, T, V]
-    vqa = []
-    for sample in synthetic_samples(EVAL_SPLIT, n, ("vqa",)):
-        prompt = apply_template(sample.turns[0].instruction, TEMPLATE_STAGE4)
-        ids = tokenizer.encode_prompt(prompt, 1, cfg.num_image_tokens)
-        pixels = encode_samples(model, tokenizer, [sample])[0].pixel_values
-        budget = len(tokenizer.encode(sample.turns[0].answer)) + 4
-        tokens = model.generate([ids], pixel_values=torch.from_numpy(pixels), max_new_tokens=budget).tokens[0]
-        vqa.append((ids, pixels, budget, tokens, sample.turns[0].answer))
-    cache[n] = {"mixed": mixed, "logits": logits, "vqa": vqa}
-    return cache[n]
+        if seq.meta["task"] in UNSCORED_TASKS:
+            continue
+        prompt = seq.input_ids[0, : seq.prompt_length].tolist()
+        budget = seq.input_ids.shape[1] - seq.prompt_length + 4  # the answer, its EOS and some slack
+        pixels = torch.from_numpy(seq.pixel_values)
+        tokens = model.generate([prompt], pixel_values=pixels, max_new_tokens=budget).tokens[0]
+        greedy.append((seq, prompt, budget, tokens))
+    cache[key] = {"sequences": sequences, "logits": logits, "greedy": greedy}
+    return cache[key]
 
 
-def measure_folder(folder: str | Path, model: TinyGPTV, tokenizer: TextTokenizer, n: int = 64) -> dict[str, Any]:
-    """One row of the quality table for `folder`, against the fp32 PyTorch `model` on n held-out samples per metric."""
-    from training.metrics import vqa_exact
-
+def measure_folder(
+    folder: str | Path, model: TinyGPTV, tokenizer: TextTokenizer, data: str | Path, n: int = 64
+) -> dict[str, Any]:
+    """One row of the quality table for `folder`, against the fp32 PyTorch `model` on the first n examples of `data`."""
     start = time.monotonic()
     folder = Path(folder)
     onnx_model = FolderModel(folder, model.config)
-    reference = pytorch_reference(model, tokenizer, n)
-    mixed = reference["mixed"]
+    reference = pytorch_reference(model, tokenizer, data, n)
+    sequences = reference["sequences"]
     nll, count, worst = 0.0, 0, 0.0
-    for seq, ref in zip(mixed, reference["logits"]):
+    for seq, ref in zip(sequences, reference["logits"]):
         logits = onnx_model.logits(onnx_model.embeds(seq.input_ids, seq.pixel_values))  # [1, T, V]
         worst = max(worst, float(np.abs(logits - ref).max()))
         targets = seq.labels[0, 1:]  # the logit at t predicts token t+1
@@ -126,25 +128,23 @@ def measure_folder(folder: str | Path, model: TinyGPTV, tokenizer: TextTokenizer
         log_probs = torch.log_softmax(torch.from_numpy(logits[0, :-1]).double(), -1).numpy()
         nll -= float(log_probs[np.arange(len(targets))[keep], targets[keep]].sum())
         count += int(keep.sum())
-    correct = equal = 0
-    vqa = reference["vqa"]
-    for ids, pixels, budget, expected_tokens, answer in vqa:
-        tokens = onnx_model.greedy(ids, pixels, budget)
+    equal = 0
+    by_task: dict[str, list[bool]] = {}
+    for seq, prompt, budget, expected_tokens in reference["greedy"]:
+        tokens = onnx_model.greedy(prompt, seq.pixel_values, budget)
         equal += tokens == expected_tokens
-        correct += vqa_exact(tokenizer.decode(tokens), [answer])
+        hit = answer_matches(tokenizer.decode(tokens), seq.meta["answer"])
+        by_task.setdefault(seq.meta["task"] or "untagged", []).append(hit)
+    scored = [hit for hits in by_task.values() for hit in hits]
     return {
         "folder_bytes": folder_size(folder),
         "decoder_bytes": sum(p.stat().st_size for p in folder.glob("decoder.onnx*")),
         "max_logit_diff": worst,
         "answer_perplexity": float(np.exp(nll / max(count, 1))),
-        "accuracy": correct / len(vqa),
-        "greedy_equal_pytorch": equal / len(vqa),
-        "samples": {
-            "perplexity_sequences": len(mixed),
-            "answer_tokens": count,
-            "vqa_questions": len(vqa),
-            "split": EVAL_SPLIT,
-        },  # fmt: skip
+        "accuracy": sum(scored) / max(len(scored), 1),
+        "accuracy_by_task": {task: sum(hits) / len(hits) for task, hits in sorted(by_task.items())},
+        "greedy_equal_pytorch": equal / max(len(scored), 1),
+        "samples": {"sequences": len(sequences), "answer_tokens": count, "scored": len(scored), "data": str(data)},
         "seconds": round(time.monotonic() - start, 1),
     }
 
@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="folder for one export per variant, quality.md and quality.json")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
-    parser.add_argument("--samples", type=int, default=64, help="held-out samples per metric")
+    parser.add_argument("--eval-data", required=True, help="held-out image + prompt + answer examples (JSON lines)")
+    parser.add_argument("--samples", type=int, default=64, help="held-out examples to measure (the file's first N)")
+    parser.add_argument("--calib-data", help="GPTQ calibration examples (JSON lines; needed by the gptq variants)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=32, choices=(32, 64, 128))
     parser.add_argument("--force", action="store_true")
@@ -199,14 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ExportError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
         refuse_existing(out, args.force)
+        check_data(args.eval_data, "--eval-data")  # a bad file fails now, not after the fp32 export
+        if any("gptq" in VARIANTS[v].get("quant", "") for v in variants):
+            check_data(args.calib_data, "--calib-data")
         model, model_dir = load_model(args.model)
         load_tokenizer(model, model_dir, None)  # fail now, not after the fp32 export, when tokenizer.json is missing
         out.mkdir(parents=True, exist_ok=True)
         rows, graphs = {}, None
         for name in ["fp32", *[v for v in variants if v != "fp32"]]:
             options = dict(VARIANTS[name])
-            opts = ExportOptions(block_size=args.block_size, calib_samples=args.calib_samples,
-                                 quality_samples=args.samples, **options)  # fmt: skip
+            opts = ExportOptions(block_size=args.block_size, calib_data=args.calib_data, calib_samples=args.calib_samples,
+                                 eval_data=args.eval_data, quality_samples=args.samples, **options)  # fmt: skip
             manifest = export_folder(out / name, model_dir, opts, force=True, model=model, graphs_from=graphs)
             graphs = graphs or out / "fp32"
             if name in variants:

@@ -213,7 +213,7 @@ def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, o
 
         with tempfile.TemporaryDirectory(prefix="gptq-", dir=path.parent.parent) as tmp:
             gptq_export(model, tokenizer, Path(tmp) / "ckpt", group_size=options.block_size,
-                        calib_samples=options.calib_samples, seed=options.seed)  # fmt: skip
+                        calib_data=options.calib_data, calib_samples=options.calib_samples)  # fmt: skip
             info.update(pack_checkpoint_into(path, Path(tmp) / "ckpt", INT4_ACCURACY_LEVEL))
         info["source"] = "export.gptq (sequential GPTQ, not kept; python -m export.gptq writes it)"
         info.pop("checkpoint", None)
@@ -223,9 +223,9 @@ def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, o
         from export.calibration import DecoderCalibrationReader, describe, multimodal_sequences
 
         logger.info("calibrating onnxruntime's GPTQ on %d multimodal sequences", options.calib_samples)
-        sequences = multimodal_sequences(model, tokenizer, options.calib_samples, seed=options.seed)
+        sequences = multimodal_sequences(model, tokenizer, options.calib_data, options.calib_samples)
         reader = DecoderCalibrationReader(sequences, model.config)
-        info["calibration"] = describe(sequences)
+        info["calibration"] = describe(sequences, options.calib_data)
     info["method"] = options.quant
     if options.quant == "rtn":
         info.update(to_int4_rtn(path, options.block_size))

@@ -100,17 +100,26 @@ def materialized(model: TinyGPTV, graph: str, seed: int = 0) -> Iterator[TinyGPT
             _release_part(model, part)
 
 
-def stand_in_tokenizer(cfg: ModelConfig, n_scenes: int = 100):
-    """A byte-level BPE of the synthetic world's text (1,024 ids), for random-init folders without --tokenizer.
+def stand_in_tokenizer(cfg: ModelConfig):
+    """A byte-level tokenizer (the 256 byte symbols, when the vocabulary has room for them, + merges of the prompt
+    markup), for random-init folders without --tokenizer.
 
     Its ids are not the preset's real tokenizer's (Phi-2's cannot be downloaded here); the folder's special token ids
     stay the config's. Enough for the runtime to tokenize and decode while memory and speed are measured.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from core.prompts import TASK_TAGS, TEMPLATES, build_prompt
     from core.tokenizer import TextTokenizer
-    from training.data.synthetic import SyntheticWorld
-    from training.tokenizer_train import train_bpe, world_texts
 
     lm = cfg.language_model
+    texts = [build_prompt(f"{tag} What is in the image?", t) for tag in TASK_TAGS for t in TEMPLATES.values()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
     budget = min(1024, lm.vocab_size, cfg.prompt.image_token_id)
-    tokenizer = train_bpe(world_texts(SyntheticWorld(seed=0), n_scenes), budget)
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if budget > 256 else []  # tiny presets: the texts' letters only
+    trainer = trainers.BpeTrainer(vocab_size=budget, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=alphabet)  # fmt: skip
+    tokenizer.train_from_iterator(texts, trainer)
     return TextTokenizer(tokenizer, lm.bos_token_id, lm.eos_token_id, cfg.prompt.image_token_id)

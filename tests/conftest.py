@@ -2,6 +2,7 @@
 
 def test_x(tiny_model_dir): ...     # config.json + model.safetensors + tokenizer.json, seeded weights
 def test_y(tiny_export_dir): ...    # vision/embedding/decoder.onnx + tokenizer.json + manifest.json (fp32, validated)
+def test_z(tiny_calib_data, tiny_eval_data): ...   # requests.jsonl files of the synthetic world (train / test split)
 """
 
 from __future__ import annotations
@@ -76,3 +77,25 @@ def reuse_tiny_graphs(monkeypatch, tiny_export_dir):
         shutil.copy(tiny_export_dir / GRAPH_FILES[name], path)
 
     monkeypatch.setattr(export_onnx, "export_graph", copy)
+
+
+def write_requests(folder: Path, split: str, n: int) -> Path:
+    """The synthetic world's `requests` format for `split` (image + prompt + expected answer a line): the data file
+    export.calibration reads for GPTQ calibration and the quality table."""
+    from training.data.synthetic import SyntheticWorld
+    from training.data.synthetic_writers import write_split
+
+    write_split(SyntheticWorld(seed=0, image_size=64), split, n, folder, formats=("requests",))
+    return folder / "requests.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_calib_data(tmp_path_factory) -> Path:
+    """8 training-split requests (vqa, vqa, refer, vqa, caption, vqa, refer, vqa)."""
+    return write_requests(tmp_path_factory.mktemp("calib") / "train", "train", 8)
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_data(tmp_path_factory) -> Path:
+    """4 held-out test-split requests (vqa, vqa, refer, vqa)."""
+    return write_requests(tmp_path_factory.mktemp("eval") / "test", "test", 4)

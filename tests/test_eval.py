@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data.text import caption_text
-from training.eval_data import READERS, VQA_PROMPT, EvalDataError, EvalItem, read_refcoco, read_split_folder
-from training.eval_score import summarize
-from training.metrics import (
+from core.metrics import (
+    answer_matches,
     hateful_label,
     normalize_answer,
     rank_by_likelihood,
@@ -23,6 +21,9 @@ from training.metrics import (
     vqa_exact,
     vqa_substring,
 )
+from training.data.text import caption_text
+from training.eval_data import READERS, VQA_PROMPT, EvalDataError, EvalItem, read_refcoco, read_split_folder
+from training.eval_score import summarize
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -302,3 +303,12 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
         main(["--model", str(tmp_path), "--out", str(tmp_path / "e.json")])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().endswith("is not a model folder (no config.json)")
+
+
+def test_answer_matches_scores_text_and_boxes():
+    assert answer_matches("The Red.", "red") and not answer_matches("blue", "red")
+    assert answer_matches("two", "2")  # official VQA normalisation: number words -> digits
+    assert answer_matches("{<10><10><50><50>}", "{<12><10><50><52>}")  # IoU 0.91
+    assert not answer_matches("{<60><60><90><90>}", "{<10><10><50><50>}") and not answer_matches(
+        "red", "{<1><1><9><9>}"
+    )

@@ -53,13 +53,14 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
 
 
 @pytest.fixture(scope="module")
-def gptq_dir(tiny_model_dir, tmp_path_factory):
+def gptq_dir(tiny_model_dir, tmp_path_factory, tiny_calib_data):
     model = TinyGPTV.from_pretrained(tiny_model_dir)
     out = tmp_path_factory.mktemp("gptq") / "ckpt"
     gptq_export(
         model,
         model.load_tokenizer(tiny_model_dir),
         out,
+        calib_data=tiny_calib_data,
         calib_samples=6,
         tokenizer_file=tiny_model_dir / "tokenizer.json",
     )
@@ -89,7 +90,7 @@ def test_checkpoint_folder_is_standard_and_loads_back(tiny_model_dir, gptq_dir):
 
 @pytest.mark.parametrize("level, tolerance", [(0, 1e-5), (4, 3e-2)])
 def test_onnx_int4_from_checkpoint_agrees_with_pytorch(
-    tiny_model_dir, tiny_export_dir, gptq_dir, tmp_path, level, tolerance
+    tiny_model_dir, tiny_export_dir, gptq_dir, tmp_path, level, tolerance, tiny_eval_data
 ):
     """The same integers in MatMulNBits: fp32 arithmetic (level 0) agrees to 1e-5; int8 activations (level 4) to 3e-2."""
     decoder = shutil.copy(tiny_export_dir / "decoder.onnx", tmp_path / "decoder.onnx")
@@ -98,7 +99,7 @@ def test_onnx_int4_from_checkpoint_agrees_with_pytorch(
     reference = load_gptq_model(gptq_dir)
     model = TinyGPTV.from_pretrained(tiny_model_dir)
     worst = 0.0
-    for seq in multimodal_sequences(model, model.load_tokenizer(tiny_model_dir), 3, split="test"):
+    for seq in multimodal_sequences(model, model.load_tokenizer(tiny_model_dir), tiny_eval_data, 3):
         feed = decoder_feed(seq.inputs_embeds, model.config)
         (logits,) = session.run(["logits"], feed)
         with torch.no_grad():
@@ -109,8 +110,9 @@ def test_onnx_int4_from_checkpoint_agrees_with_pytorch(
     assert worst < tolerance
 
 
-def test_cli_refuses_existing_and_missing(tmp_path, capsys, gptq_dir):
-    assert main(["--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+def test_cli_refuses_existing_and_missing(tmp_path, capsys, gptq_dir, tiny_calib_data):
+    data = ["--calib-data", str(tiny_calib_data)]
+    assert main(["--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *data]) == 2
     assert "no such model folder" in capsys.readouterr().err
-    assert main(["--model", str(tmp_path / "none"), "--out", str(gptq_dir)]) == 2
+    assert main(["--model", str(tmp_path / "none"), "--out", str(gptq_dir), *data]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err

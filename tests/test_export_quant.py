@@ -32,12 +32,17 @@ def test_int4_rtn_quantizes_every_decoder_matmul(tiny_model_dir, tmp_path, reuse
 
 
 @pytest.mark.parametrize("quant", ["gptq", "gptq-ort"])
-def test_int4_gptq_is_calibrated_on_multimodal_sequences(tiny_model_dir, tmp_path, reuse_tiny_graphs, quant):
-    options = ExportOptions(precision="int4", quant=quant, calib_samples=4, vision_precision="int8")
+def test_int4_gptq_is_calibrated_on_multimodal_sequences(
+    tiny_model_dir, tmp_path, reuse_tiny_graphs, quant, tiny_calib_data
+):
+    options = ExportOptions(
+        precision="int4", quant=quant, calib_data=str(tiny_calib_data), calib_samples=4, vision_precision="int8"
+    )
     manifest = export_folder(tmp_path / "gptq", tiny_model_dir, options)
     quant = manifest["quantization"]
     calibration = quant["decoder"]["calibration"]
-    assert calibration["sequences"] == 4 and set(calibration["tasks"]) == {"vqa", "caption", "refer", "identify"}
+    assert calibration["sequences"] == 4 and calibration["tasks"] == {"vqa": 3, "refer": 1}
+    assert calibration["source"] == str(tiny_calib_data)
     assert calibration["tokens"] > 4 * 8  # every sequence holds the 8 image vectors and more
     assert quant["vision"] == "int8" and quant["decoder"]["matmulnbits"] == 13
     assert _ops(tmp_path / "gptq" / "vision.onnx").get("MatMulInteger", 0) > 0
@@ -54,3 +59,15 @@ def test_fp16_keeps_float32_io_and_stays_close(tiny_model_dir, tmp_path, reuse_t
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     outputs = manifest["validation"]["real"]["outputs"]
     assert outputs["logits"]["max_abs_diff"] < 5e-3 and outputs["image_features"]["max_abs_diff"] < 5e-3
+
+
+def test_gptq_without_calibration_data_fails_before_any_work(tiny_model_dir, tmp_path, tiny_calib_data):
+    from export.folder import ExportError
+
+    with pytest.raises(ExportError, match="pass --calib-data FILE.jsonl"):
+        export_folder(tmp_path / "gptq", tiny_model_dir, ExportOptions(precision="int4", quant="gptq"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "missing.jpg", "prompt": "[vqa] what color", "expected": "red"}\n')
+    with pytest.raises(ExportError, match=r"bad.jsonl:1: image .*missing.jpg does not exist"):
+        export_folder(tmp_path / "gptq", tiny_model_dir, ExportOptions(precision="int4", calib_data=str(bad)))
+    assert list(tmp_path.iterdir()) == [bad]

@@ -10,7 +10,7 @@ Prompts are built as the stage-4 model was trained: the model's template (`[INST
 greedy and batched through `model.generate`; each image is encoded once and its features reused by every question on
 it. IconQA (and, with --likelihood, the synthetic VQA questions against every answer of their type) is scored by
 likelihood ranking: the candidate whose answer tokens + EOS have the lowest mean loss wins. The metrics are in
-training/metrics.py; the JSON holds one section per benchmark and, for the synthetic split, the per-type table.
+core/metrics.py; the JSON holds one section per benchmark and, for the synthetic split, the per-type table.
 Its `timing` section records the wall and CPU seconds of each run.
 """
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.boxes import format_box
+from core.metrics import xywh_to_xyxy
 from training.data.text import caption_text
-from training.metrics import xywh_to_xyxy
 
 BENCHMARKS = ("synthetic", "gqa", "vsr", "iconqa", "vizwiz", "hateful_memes", "refcoco")
 VQA_PROMPT = "[vqa] Based on the image, respond to this question with a short answer: {}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from training.metrics import (
+from core.metrics import (
     hateful_label,
     mean,
     normalize_answer,

@@ -1,5 +1,7 @@
 """Evaluation metrics of TinyGPT-V's benchmarks (reference §6.1), as pure functions on strings and boxes (torch-free).
 
+Shared by training.eval (the PyTorch model) and export.quality (an export folder), so both score answers alike.
+
 - VQA exact match after the official VQA normalisation (lowercase, punctuation, number words -> digits, articles),
   and beside it the original's lenient GQA rule: correct if the label is a substring of the lower-cased answer;
 - the official 10-answer VQA accuracy (min(#humans that said it / 3, 1), averaged over the 10 leave-one-out subsets);
@@ -124,6 +126,16 @@ def refer_hit(prediction: str, gt_xyxy: Sequence[float], width: int, height: int
 def refer_hit_original(prediction: str, gt_xyxy: Sequence[float], width: int, height: int) -> bool:
     """The original eval_ref.py rule: IoU > 0.5 with inclusive pixel edges (computeIoU's +1)."""
     return refer_iou(prediction, gt_xyxy, width, height, pixel_inclusive=True) > 0.5
+
+
+def answer_matches(prediction: str, expected: str, threshold: float = 0.5) -> bool:
+    """One answer against one expected answer: boxes by IoU >= threshold on the 0-100 grid (first box of each) when
+    the expected answer holds a box, else VQA exact match after the official normalisation."""
+    want = parse_boxes(expected)
+    if not want:
+        return bool(vqa_exact(prediction, [expected]))
+    got = parse_boxes(prediction)
+    return bool(got) and iou(got[0], want[0]) >= threshold
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> tuple[float, float, float, float]:
