@@ -10,6 +10,10 @@
               | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
+--image-size  with --random-init: the size the vision graph runs at (default: the preset's, 224 for tinygptv). The
+              vision graph takes one fixed size, the one its model was trained at (stage 4 of TinyGPT-V: 448; the ViT's
+              224-px position embeddings are interpolated bicubically inside the graph, as in PyTorch), and the
+              manifest carries it; a model folder's own config.json sets it, so a stage-4 checkpoint exports at 448.
 The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
 The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
 without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
@@ -60,6 +64,7 @@ class ExportOptions:
     quality_samples: int = 0  # > 0: measure the quality row (export.quality) on this many held-out samples
     validate: bool = True
     seed: int = 0
+    image_size: int | None = None  # with --random-init: the vision graph's input size (None: the preset's)
 
     def vision(self) -> str:
         if self.vision_precision:
@@ -67,12 +72,27 @@ class ExportOptions:
         return "fp32" if self.precision == "int4" else self.precision
 
 
-def load_model(model_dir: str | Path | None, preset: str | None = None, seed: int = 0) -> tuple[TinyGPTV, Path | None]:
-    """The model of a folder (config.json + model.safetensors), or random weights of a preset's shapes."""
+def load_model(
+    model_dir: str | Path | None, preset: str | None = None, seed: int = 0, image_size: int | None = None
+) -> tuple[TinyGPTV, Path | None]:
+    """The model of a folder (config.json + model.safetensors), or random weights of a preset's shapes.
+
+    `image_size` (random weights only) sets the size the model runs images at, as a stage-4 config does (448).
+    """
     if model_dir is None:
         if preset is None:
             raise ExportError("give --model DIR, or --preset NAME --random-init")
-        return lazy_random_model(ModelConfig.preset(preset)), None  # parts get weights per graph (export.random_init)
+        cfg = ModelConfig.preset(preset)
+        if image_size is not None:
+            patch = cfg.vision.patch_size
+            if image_size <= 0 or image_size % patch:
+                raise ExportError(f"--image-size {image_size}: must be a positive multiple of the patch size {patch}")
+            cfg = cfg.replace(image=cfg.image.replace(size=image_size))
+        return lazy_random_model(cfg), None  # parts get weights per graph (export.random_init)
+    if image_size is not None:
+        raise ExportError(
+            "--image-size is for --random-init; a model folder runs at the size its config.json gives (image.size)"
+        )
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ExportError(
@@ -144,7 +164,7 @@ def export_folder(
     start = time.monotonic()
     model_path = Path(model_dir) if model_dir else None
     if model is None:
-        model, model_path = load_model(model_dir, preset, options.seed)
+        model, model_path = load_model(model_dir, preset, options.seed, options.image_size)
     if is_lazy(model) and options.precision == "int4" and "gptq" in options.quant and not options.gptq_checkpoint:
         raise ExportError("GPTQ needs trained weights and calibration data; with --random-init use --quant rtn or hqq")
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
@@ -215,6 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     required.add_argument("--preset", help="with --random-init: export random weights of this preset's shapes")
     required.add_argument("--random-init", action="store_true", help="no checkpoint: random weights (for sizes/memory)")
     required.add_argument("--tokenizer", help="folder holding tokenizer.json (default: the --model folder)")
+    required.add_argument(
+        "--image-size", type=int, help="with --random-init: vision graph input size in px (default: the preset's)"
+    )
     quant = parser.add_argument_group("precision")
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
@@ -241,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size,
                             calib_samples=args.calib_samples, vision_precision=args.vision_precision,
                             gptq_checkpoint=args.gptq_checkpoint, quality_samples=args.quality_samples,
-                            validate=not args.no_validate, seed=args.seed)  # fmt: skip
+                            validate=not args.no_validate, seed=args.seed, image_size=args.image_size)  # fmt: skip
     try:
         manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer)
     except (ExportError, ConfigError) as err:
