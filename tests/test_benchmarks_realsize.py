@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from benchmarks.bandwidth import onnx_decode_bytes
 from benchmarks.realsize import main, memory_table, plan_for
 from runtime.budget import parse_bytes
 
@@ -29,6 +30,10 @@ def test_full_context_run_reports_peak_within_the_plan(tiny_export_dir, tmp_path
     assert f"within ({row['peak_rss_bytes'] / parse_bytes('1GB'):.0%})" in report and "| OVER (" in report
     record = json.loads((out / "results.json").read_text())[0]
     assert record["config"]["context"] == 256 and record["metrics"]["new_tokens"]["median"] == 8
+    # the decoder's bytes per step were read in a child, not by parsing the graph in the measured worker
+    assert (
+        record["info"]["decode_weights_bytes"] == onnx_decode_bytes(tiny_export_dir / "decoder.onnx")["weights_bytes"]
+    )
 
 
 def test_a_plan_over_the_budget_is_the_result(tiny_export_dir, tmp_path):
