@@ -14,6 +14,9 @@
               vision graph takes one fixed size, the one its model was trained at (stage 4 of TinyGPT-V: 448; the ViT's
               224-px position embeddings are interpolated bicubically inside the graph, as in PyTorch), and the
               manifest carries it; a model folder's own config.json sets it, so a stage-4 checkpoint exports at 448.
+--graphs-from DIR   copy the fp32 graphs found in DIR (an earlier export of the same model before quantization, e.g. the
+              partial folder an export killed while quantizing leaves behind) instead of tracing them; graphs DIR lacks
+              are traced. The 448-px folder of a random-init model reuses the 224-px decoder and embedding this way.
 The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
 The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
 without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
@@ -151,7 +154,7 @@ def export_folder(
     """Write the export folder `out`; returns its manifest. Raises ExportError, leaving nothing behind, on failure.
 
     `model` skips loading `model_dir` (which still names the source); `graphs_from` copies the fp32 graphs of an
-    earlier export of the same model instead of tracing them again.
+    earlier export of the same model instead of tracing them again (each graph it holds; the others are traced).
     """
     options = options or ExportOptions()
     if options.precision not in PRECISIONS:
@@ -170,7 +173,8 @@ def export_folder(
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
-            if graphs_from:
+            if graphs_from and (Path(graphs_from) / file).is_file():
+                logger.info("copying the fp32 %s graph from %s", name, graphs_from)
                 for part in Path(graphs_from).glob(file + "*"):
                     shutil.copy(part, tmp / part.name)
                 continue
@@ -246,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--gptq-checkpoint", help="int4 from this python -m export.gptq folder (same integers)")
     quant.add_argument("--vision-precision", choices=("fp32", "fp16", "int8"), help="vision graph (default: see above)")
     other = parser.add_argument_group("other")
+    other.add_argument("--graphs-from", help="copy the fp32 graphs this folder holds instead of tracing them")
     other.add_argument("--force", action="store_true", help="replace an existing --out")
     other.add_argument("--no-validate", action="store_true", help="skip the PyTorch comparison (not recommended)")
     other.add_argument(
@@ -266,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                             gptq_checkpoint=args.gptq_checkpoint, quality_samples=args.quality_samples,
                             validate=not args.no_validate, seed=args.seed, image_size=args.image_size)  # fmt: skip
     try:
-        manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer)
+        if args.graphs_from and not Path(args.graphs_from).is_dir():
+            raise ExportError(f"--graphs-from {args.graphs_from}: no such folder")
+        manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer,
+                                 graphs_from=args.graphs_from)  # fmt: skip
     except (ExportError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -76,3 +76,25 @@ def test_image_size_is_checked(tmp_path, tiny_model_dir):
     with pytest.raises(ExportError, match="--image-size is for --random-init"):
         export_folder(tmp_path / "r", tiny_model_dir, options=ExportOptions(image_size=48))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_graphs_from_copies_the_graphs_it_holds_and_traces_the_rest(tmp_path, tiny_export_dir, capsys):
+    """The 448-px folder of a random-init model: decoder and embedding copied from the 224-px one, vision traced."""
+    import shutil
+
+    import onnx
+
+    from export.onnx import main
+
+    source = tmp_path / "fp32"
+    source.mkdir()
+    for name in ("decoder.onnx", "embedding.onnx"):
+        shutil.copy(tiny_export_dir / name, source / name)
+    manifest = export_folder(tmp_path / "r", preset="tiny", options=ExportOptions(image_size=48), graphs_from=source)
+    assert manifest["image"]["size"] == 48 and manifest["validation"]["passed"]
+    assert (tmp_path / "r" / "decoder.onnx").read_bytes() == (source / "decoder.onnx").read_bytes()
+    dims = onnx.load(str(tmp_path / "r" / "vision.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["batch_size", 3, 48, 48]
+    argv = ["--preset", "tiny", "--random-init", "--out", str(tmp_path / "x"), "--graphs-from", str(tmp_path / "no")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: --graphs-from {tmp_path / 'no'}: no such folder"
