@@ -12,6 +12,13 @@
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
 --calib-data  GPTQ's calibration examples, --eval-data the held-out examples of the manifest's quality row: JSON lines
               of image + prompt + expected answer (export/calibration.py; the demo writes them from the synthetic world).
+--image-size  with --random-init: the size the vision graph runs at (default: the preset's, 224 for tinygptv). The
+              vision graph takes one fixed size, the one its model was trained at (stage 4 of TinyGPT-V: 448; the ViT's
+              224-px position embeddings are interpolated bicubically inside the graph, as in PyTorch), and the
+              manifest carries it; a model folder's own config.json sets it, so a stage-4 checkpoint exports at 448.
+--graphs-from DIR   copy the fp32 graphs found in DIR (an earlier export of the same model before quantization, e.g. the
+              partial folder an export killed while quantizing leaves behind) instead of tracing them; graphs DIR lacks
+              are traced. The 448-px folder of a random-init model reuses the 224-px decoder and embedding this way.
 The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
 The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
 without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
@@ -65,6 +72,7 @@ class ExportOptions:
     quality_samples: int = 32  # how many of them
     validate: bool = True
     seed: int = 0
+    image_size: int | None = None  # with --random-init: the vision graph's input size (None: the preset's)
 
     def vision(self) -> str:
         if self.vision_precision:
@@ -72,12 +80,27 @@ class ExportOptions:
         return "fp32" if self.precision == "int4" else self.precision
 
 
-def load_model(model_dir: str | Path | None, preset: str | None = None, seed: int = 0) -> tuple[TinyGPTV, Path | None]:
-    """The model of a folder (config.json + model.safetensors), or random weights of a preset's shapes."""
+def load_model(
+    model_dir: str | Path | None, preset: str | None = None, seed: int = 0, image_size: int | None = None
+) -> tuple[TinyGPTV, Path | None]:
+    """The model of a folder (config.json + model.safetensors), or random weights of a preset's shapes.
+
+    `image_size` (random weights only) sets the size the model runs images at, as a stage-4 config does (448).
+    """
     if model_dir is None:
         if preset is None:
             raise ExportError("give --model DIR, or --preset NAME --random-init")
-        return lazy_random_model(ModelConfig.preset(preset)), None  # parts get weights per graph (export.random_init)
+        cfg = ModelConfig.preset(preset)
+        if image_size is not None:
+            patch = cfg.vision.patch_size
+            if image_size <= 0 or image_size % patch:
+                raise ExportError(f"--image-size {image_size}: must be a positive multiple of the patch size {patch}")
+            cfg = cfg.replace(image=cfg.image.replace(size=image_size))
+        return lazy_random_model(cfg), None  # parts get weights per graph (export.random_init)
+    if image_size is not None:
+        raise ExportError(
+            "--image-size is for --random-init; a model folder runs at the size its config.json gives (image.size)"
+        )
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ExportError(
@@ -136,7 +159,7 @@ def export_folder(
     """Write the export folder `out`; returns its manifest. Raises ExportError, leaving nothing behind, on failure.
 
     `model` skips loading `model_dir` (which still names the source); `graphs_from` copies the fp32 graphs of an
-    earlier export of the same model instead of tracing them again.
+    earlier export of the same model instead of tracing them again (each graph it holds; the others are traced).
     """
     options = options or ExportOptions()
     if options.precision not in PRECISIONS:
@@ -149,7 +172,7 @@ def export_folder(
     start = time.monotonic()
     model_path = Path(model_dir) if model_dir else None
     if model is None:
-        model, model_path = load_model(model_dir, preset, options.seed)
+        model, model_path = load_model(model_dir, preset, options.seed, options.image_size)
     calibrated = options.precision == "int4" and "gptq" in options.quant and not options.gptq_checkpoint
     if is_lazy(model) and calibrated:
         raise ExportError("GPTQ needs trained weights and calibration data; with --random-init use --quant rtn or hqq")
@@ -163,7 +186,8 @@ def export_folder(
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
-            if graphs_from:
+            if graphs_from and (Path(graphs_from) / file).is_file():
+                logger.info("copying the fp32 %s graph from %s", name, graphs_from)
                 for part in Path(graphs_from).glob(file + "*"):
                     shutil.copy(part, tmp / part.name)
                 continue
@@ -226,6 +250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     required.add_argument("--preset", help="with --random-init: export random weights of this preset's shapes")
     required.add_argument("--random-init", action="store_true", help="no checkpoint: random weights (for sizes/memory)")
     required.add_argument("--tokenizer", help="folder holding tokenizer.json (default: the --model folder)")
+    required.add_argument(
+        "--image-size", type=int, help="with --random-init: vision graph input size in px (default: the preset's)"
+    )
     quant = parser.add_argument_group("precision")
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
@@ -235,6 +262,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--gptq-checkpoint", help="int4 from this python -m export.gptq folder (same integers)")
     quant.add_argument("--vision-precision", choices=("fp32", "fp16", "int8"), help="vision graph (default: see above)")
     other = parser.add_argument_group("other")
+    other.add_argument("--graphs-from", help="copy the fp32 graphs this folder holds instead of tracing them")
     other.add_argument("--force", action="store_true", help="replace an existing --out")
     other.add_argument("--no-validate", action="store_true", help="skip the PyTorch comparison (not recommended)")
     other.add_argument("--eval-data", help="held-out examples (JSON lines): the manifest gets a quality row on them")
@@ -253,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                             calib_data=args.calib_data, calib_samples=args.calib_samples,
                             vision_precision=args.vision_precision, gptq_checkpoint=args.gptq_checkpoint,
                             eval_data=args.eval_data, quality_samples=args.quality_samples,
-                            validate=not args.no_validate, seed=args.seed)  # fmt: skip
+                            validate=not args.no_validate, seed=args.seed, image_size=args.image_size)  # fmt: skip
     try:
-        manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer)
+        if args.graphs_from and not Path(args.graphs_from).is_dir():
+            raise ExportError(f"--graphs-from {args.graphs_from}: no such folder")
+        manifest = export_folder(args.out, args.model, options, args.force, args.preset, args.tokenizer,
+                                 graphs_from=args.graphs_from)  # fmt: skip
     except (ExportError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

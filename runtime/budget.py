@@ -12,7 +12,9 @@ Terms (bytes):
   writes `present` (past + new) to a different buffer than `past`, so the runtime keeps two fixed buffers and swaps
   them each step instead of allocating;
 - activations: the largest step (prefill of a full context, or the vision encoder), summed over the three sessions
-  because each session keeps its own arena: logits [B, T, V], attention scores [B, H, T, T], hidden states;
+  because each session keeps its own arena. The prompt is prefilled in chunks of PREFILL_CHUNK tokens (runtime.generate),
+  so a step holds one chunk's logits [B, C, V], attention scores [B, H, C, context] and hidden states, not the whole
+  prompt's: at context 2,048 of Phi-2 the scores alone would be 1 GiB [1, 32, 2048, 2048] instead of 128 MiB;
 - arena: ONNX Runtime's allocator overhead on the activations (chunk rounding, fragmentation);
 - runtime: the Python interpreter, numpy, onnxruntime and its thread pools, the tokenizer; measured, not derived.
 Peak = runtime + weights + max(load transient, KV cache + activations + arena).
@@ -30,6 +32,9 @@ FLOAT_BYTES = 4  # the KV cache and activations are float32 in every export this
 # Measured: python + numpy + onnxruntime + tokenizers + Pillow + three sessions and their thread pools
 # (about 75 MiB on CPU); CUDA adds its libraries and context.
 RUNTIME_OVERHEAD = {"cpu": 96 << 20, "cuda": 1536 << 20}
+# Prompt tokens per decoder run during prefill: bounds the prefill's activations (above) whatever the context, and
+# large enough that a chunk's MatMuls still run at full speed (llama.cpp's micro-batch is 512).
+PREFILL_CHUNK = 256
 ARENA_FRACTION = 0.5  # arena overhead as a fraction of activations (power-of-two chunk growth, at most 2x)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -142,15 +147,17 @@ def _vision_activations(manifest: Manifest, batch_size: int) -> int:
     return batch_size * per_image * FLOAT_BYTES
 
 
-def _decoder_activations(manifest: Manifest, context: int, batch_size: int) -> int:
-    """Prefill of a full context: logits, one layer's attention scores and hidden states, the embeddings."""
+def _decoder_activations(manifest: Manifest, context: int, batch_size: int, chunk: int = PREFILL_CHUNK) -> int:
+    """Prefill of a full context in chunks: one chunk's logits, attention scores against the whole context and hidden
+    states, and the embeddings of the whole prompt (the embedding graph's output, then its last logits)."""
     d = manifest.decoder
     cfg = manifest.source.get("config") if isinstance(manifest.source.get("config"), dict) else {}
     lm = cfg.get("language_model", {}) if isinstance(cfg, dict) else {}
     inner = int(lm.get("intermediate_size", 4 * d.hidden_size))
-    logits = context * d.vocab_size
-    scores = 2 * d.num_heads * context * context
-    hidden = context * (8 * d.hidden_size + 2 * inner)
+    step = min(context, chunk)
+    logits = step * d.vocab_size
+    scores = 2 * d.num_heads * step * context
+    hidden = step * (8 * d.hidden_size + 2 * inner)
     embeds = 2 * context * d.hidden_size  # the embedding graph's output, then the decoder's copy
     return batch_size * (logits + scores + hidden + embeds) * FLOAT_BYTES
 

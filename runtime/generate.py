@@ -23,6 +23,7 @@ import numpy as np
 from core.boxes import parse_boxes, parse_grounded
 from core.prompts import cut_at_stop, holds_stop_prefix
 from core.tokenizer import TextTokenizer
+from runtime.budget import PREFILL_CHUNK
 from runtime.errors import ContextError
 from runtime.kv_cache import KVCache
 from runtime.sampling import Sampler
@@ -177,11 +178,15 @@ class GenerationResult:
 
 
 class DecodeLoop:
-    """Runs the embedding and decoder graphs against one KVCache, with fixed buffers for every decode step."""
+    """Runs the embedding and decoder graphs against one KVCache, with fixed buffers for every decode step.
 
-    def __init__(self, sessions: Sessions, cache: KVCache) -> None:
+    Prefill runs the prompt `prefill_chunk` tokens at a time (see runtime.budget: the plan counts one chunk).
+    """
+
+    def __init__(self, sessions: Sessions, cache: KVCache, prefill_chunk: int = PREFILL_CHUNK) -> None:
         d = sessions.manifest.decoder
         self.sessions, self.cache, self.spec = sessions, cache, d
+        self.prefill_chunk = prefill_chunk
         self.image_token_id = sessions.manifest.image_token_id
         self.device = sessions.device_type
         B = cache.batch_size
@@ -217,12 +222,20 @@ class DecodeLoop:
         cache.advance(new)
 
     def prefill(self, embeds: np.ndarray, row_masks: np.ndarray) -> np.ndarray:
-        """embeds [rows, T, D] after the cache's P tokens; row_masks [rows, T] -> last logits [rows, V]."""
-        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        self._run_decoder(embeds.ctypes.data, list(embeds.shape), row_masks, logits_out=False)
-        logits = self.decoder_binding.get_outputs()[0].numpy()  # [rows, T, V]
-        self.decoder_binding.clear_binding_outputs()  # let the prefill logits go now
-        return logits[:, -1]  # [rows, V]
+        """embeds [rows, T, D] after the cache's P tokens; row_masks [rows, T] -> last logits [rows, V].
+
+        One decoder run per chunk of `prefill_chunk` tokens, each against the cache filled by the chunks before it:
+        the same logits as one run over the whole prompt, with a chunk's activations instead of the prompt's.
+        """
+        embeds = np.asarray(embeds, dtype=np.float32)
+        total, size = embeds.shape[1], self.prefill_chunk
+        for first in range(0, total, size):
+            chunk = np.ascontiguousarray(embeds[:, first : first + size])  # [rows, C, D]
+            self._run_decoder(chunk.ctypes.data, list(chunk.shape), row_masks[:, first : first + size], False)
+            if first + size >= total:
+                last = self.decoder_binding.get_outputs()[0].numpy()[:, -1].copy()  # [rows, V]
+            self.decoder_binding.clear_binding_outputs()  # let the chunk's logits [rows, C, V] go now
+        return last
 
     def step(self, next_ids: np.ndarray) -> np.ndarray:
         """One decode step for the chosen ids [rows] -> logits [rows, V] (a view of the fixed logits buffer)."""

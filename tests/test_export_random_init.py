@@ -44,3 +44,57 @@ def test_random_init_refuses_gptq(tmp_path):
     with pytest.raises(ExportError, match="GPTQ needs trained weights.*--quant rtn or hqq"):
         export_folder(tmp_path / "r", preset="tiny", options=ExportOptions(precision="int4", quant="gptq"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_size_traces_the_vision_graph_at_that_size_with_interpolated_positions(tmp_path):
+    """--image-size 48 on the tiny preset (trained at 32 px, as 448 is to TinyGPT-V's 224): the graph takes 48 px
+    and gives PyTorch's features, position embeddings interpolated inside the graph."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from export.graphs import export_graph
+    from export.onnx import load_model
+
+    model, _ = load_model(None, "tiny", image_size=48)
+    assert model.config.image.size == 48 and model.config.vision.image_size == 32
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    with materialized(model, "vision", seed=0):
+        export_graph(model, "vision", tmp_path / "vision.onnx")
+        with torch.no_grad():
+            reference = model.encode_image(pixels).numpy()  # [2, N, D]
+    dims = onnx.load(str(tmp_path / "vision.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["batch_size", 3, 48, 48]
+    session = ort.InferenceSession(str(tmp_path / "vision.onnx"), providers=["CPUExecutionProvider"])
+    (features,) = session.run(None, {"pixel_values": pixels.numpy()})
+    assert features.shape == reference.shape and np.abs(features - reference).max() < 1e-5
+
+
+def test_image_size_is_checked(tmp_path, tiny_model_dir):
+    with pytest.raises(ExportError, match="--image-size 50: must be a positive multiple of the patch size 8"):
+        export_folder(tmp_path / "r", preset="tiny", options=ExportOptions(image_size=50))
+    with pytest.raises(ExportError, match="--image-size is for --random-init"):
+        export_folder(tmp_path / "r", tiny_model_dir, options=ExportOptions(image_size=48))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_graphs_from_copies_the_graphs_it_holds_and_traces_the_rest(tmp_path, tiny_export_dir, capsys):
+    """The 448-px folder of a random-init model: decoder and embedding copied from the 224-px one, vision traced."""
+    import shutil
+
+    import onnx
+
+    from export.onnx import main
+
+    source = tmp_path / "fp32"
+    source.mkdir()
+    for name in ("decoder.onnx", "embedding.onnx"):
+        shutil.copy(tiny_export_dir / name, source / name)
+    manifest = export_folder(tmp_path / "r", preset="tiny", options=ExportOptions(image_size=48), graphs_from=source)
+    assert manifest["image"]["size"] == 48 and manifest["validation"]["passed"]
+    assert (tmp_path / "r" / "decoder.onnx").read_bytes() == (source / "decoder.onnx").read_bytes()
+    dims = onnx.load(str(tmp_path / "r" / "vision.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["batch_size", 3, 48, 48]
+    argv = ["--preset", "tiny", "--random-init", "--out", str(tmp_path / "x"), "--graphs-from", str(tmp_path / "no")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: --graphs-from {tmp_path / 'no'}: no such folder"

@@ -214,3 +214,29 @@ def test_api_refuses_bad_input_at_the_call_not_at_the_first_piece(pipe, tmp_path
         pipe.generate(None, "[vqa] what?", max_new_tokens=0)
     with pytest.raises(ContextError, match="256"):
         pipe.generate_batch([(None, "a"), (None, "b " * 300)], max_new_tokens=4)
+
+
+def test_chunked_prefill_gives_the_logits_and_tokens_of_one_run(pipe, reference):
+    """Prefill in chunks of 7 tokens (a left-padded batch, image rows and a text row) == one decoder run == PyTorch."""
+    imgs = images()
+    requests = [(imgs[0], QUESTIONS[0] + " and the square?" * 3), (imgs[1], QUESTIONS[1]), (None, QUESTIONS[2])]
+    rows = [pipe.prompt_ids(q, image is not None) for image, q in requests]
+    assert max(map(len, rows)) > 3 * 7 and min(map(len, rows)) < max(map(len, rows))  # several chunks, left padding
+    loop, width = pipe.loop, max(map(len, rows))
+    ids = np.array([[0] * (width - len(r)) + r for r in rows], dtype=np.int64)  # [3, T] left-padded
+    masks = (np.arange(width)[None] >= width - np.array([len(r) for r in rows])[:, None]).astype(np.int64)
+    features, _, _ = pipe.encode_images([im for im, _ in requests])  # [3, N, D]
+    last = {}
+    for chunk in (7, 1000):
+        loop.prefill_chunk = chunk
+        pipe.cache.start(3)
+        last[chunk] = loop.prefill(loop.embed(ids, features), masks)  # [3, V]
+        assert pipe.cache.length == width
+    assert np.abs(last[7] - last[1000]).max() < 1e-5
+    loop.prefill_chunk = 7
+    try:
+        batch = pipe.generate_batch(requests, max_new_tokens=12)
+    finally:
+        loop.prefill_chunk = 256
+    assert [r.tokens for r in batch] == [r.tokens for r in pipe.generate_batch(requests, max_new_tokens=12)]
+    assert [r.tokens for r in batch] == reference(rows, imgs, max_new_tokens=12).tokens

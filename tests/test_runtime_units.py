@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from core.tokenizer import TextTokenizer
-from runtime.budget import format_bytes, parse_bytes, plan_memory
+from runtime.budget import PREFILL_CHUNK, _decoder_activations, format_bytes, parse_bytes, plan_memory
 from runtime.errors import BudgetError, ManifestError, RuntimeInputError
 from runtime.generate import TextStream
 from runtime.manifest import read_manifest
@@ -205,6 +205,12 @@ def test_plan_numbers_follow_the_formula(tmp_path):
     half = plan_memory(read_manifest(folder), context=1024, batch_size=2, budget="64GB")
     assert half.kv_cache == plan.kv_cache  # half the context, twice the batch
     assert plan.peak == plan.runtime + plan.weights + plan.kv_cache + plan.activations + plan.arena
+    # prefill runs PREFILL_CHUNK (256) tokens at a time: logits, scores [1, 32, 256, 2048] and hidden states of one
+    # chunk instead of the whole prompt's (2560 = 32 x 80 wide, 4 x 2560 inner without a source config)
+    manifest = read_manifest(folder)
+    full, chunked = _decoder_activations(manifest, 2048, 1, chunk=2048), _decoder_activations(manifest, 2048, 1)
+    assert PREFILL_CHUNK == 256 and full - chunked == 4 * (2048 - 256) * (51200 + 2 * 32 * 2048 + 8 * 2560 + 2 * 10240)
+    assert chunked == 4 * (256 * 51200 + 2 * 32 * 256 * 2048 + 256 * (8 * 2560 + 2 * 10240) + 2 * 2048 * 2560)
 
 
 def test_over_budget_is_refused_with_the_numbers_and_what_fits(tmp_path):
