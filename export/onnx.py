@@ -38,6 +38,7 @@ from core.weights import WEIGHTS_FILE, WeightsError
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
+from export.last_logits import set_logits_positions
 from export.manifest import build_manifest, sha256_file, write_manifest
 from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
 from export.validate import smoke_validate, validate_folder
@@ -157,7 +158,9 @@ def export_folder(
             logger.info("exporting %s graph", name)
             with materialized(model, name, options.seed):
                 export_graph(model, name, tmp / file, seed=options.seed)
+        set_logits_positions(tmp / GRAPH_FILES["decoder"], "all")  # calibration (gptq-ort) sees every position
         quantization = quantize_folder(tmp, model, tokenizer, options)
+        set_logits_positions(tmp / GRAPH_FILES["decoder"], "last")  # prefill runs lm_head for the last position only
         write_genai_config(tmp, model.config)
         if tokenizer is not None:
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)

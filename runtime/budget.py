@@ -12,7 +12,8 @@ Terms (bytes):
   writes `present` (past + new) to a different buffer than `past`, so the runtime keeps two fixed buffers and swaps
   them each step instead of allocating;
 - activations: the largest step (prefill of a full context, or the vision encoder), summed over the three sessions
-  because each session keeps its own arena: logits [B, T, V], attention scores [B, H, T, T], hidden states;
+  because each session keeps its own arena: logits ([B, 1, V], or [B, T, V] in folders from before export.last_logits),
+  attention scores [B, H, T, T], hidden states;
 - arena: ONNX Runtime's allocator overhead on the activations (chunk rounding, fragmentation);
 - runtime: the Python interpreter, numpy, onnxruntime and its thread pools, the tokenizer; measured, not derived.
 Peak = runtime + weights + max(load transient, KV cache + activations + arena).
@@ -148,7 +149,7 @@ def _decoder_activations(manifest: Manifest, context: int, batch_size: int) -> i
     cfg = manifest.source.get("config") if isinstance(manifest.source.get("config"), dict) else {}
     lm = cfg.get("language_model", {}) if isinstance(cfg, dict) else {}
     inner = int(lm.get("intermediate_size", 4 * d.hidden_size))
-    logits = context * d.vocab_size
+    logits = (1 if d.logits_positions == "last" else context) * d.vocab_size
     scores = 2 * d.num_heads * context * context
     hidden = context * (8 * d.hidden_size + 2 * inner)
     embeds = 2 * context * d.hidden_size  # the embedding graph's output, then the decoder's copy

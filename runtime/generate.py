@@ -217,8 +217,15 @@ class DecodeLoop:
         cache.advance(new)
 
     def prefill(self, embeds: np.ndarray, row_masks: np.ndarray) -> np.ndarray:
-        """embeds [rows, T, D] after the cache's P tokens; row_masks [rows, T] -> last logits [rows, V]."""
+        """embeds [rows, T, D] after the cache's P tokens; row_masks [rows, T] -> last logits [rows, V].
+
+        A decoder with last-position logits writes them straight into the fixed step buffer, as a decode step does;
+        one with every position's logits (older folders) gets a [rows, T, V] array for this run only.
+        """
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if self.spec.logits_positions == "last":
+            self._run_decoder(embeds.ctypes.data, list(embeds.shape), row_masks, logits_out=True)
+            return self.step_logits[: self.cache.rows, 0]  # [rows, V]
         self._run_decoder(embeds.ctypes.data, list(embeds.shape), row_masks, logits_out=False)
         logits = self.decoder_binding.get_outputs()[0].numpy()  # [rows, T, V]
         self.decoder_binding.clear_binding_outputs()  # let the prefill logits go now
