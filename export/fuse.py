@@ -1,6 +1,7 @@
 """Graph passes on the int4 decoder that change its speed, never its numbers.
 
     count = fuse_shared_input_matmuls(proto)      # in place; returns how many MatMulNBits nodes were merged away
+    count = fuse_fast_gelu(proto)                 # in place; returns how many FastGelu nodes it made
 
 Phi-2 runs attention and MLP in parallel from one LayerNorm, so q_proj, k_proj, v_proj and fc1 all read the same
 [B, T, 2560] tensor: four MatMulNBits per layer, each streaming the activations and starting its own thread-pool work.
@@ -9,6 +10,10 @@ MatMulNBits stores its weight column-major ([N, blocks, block_size/2] bytes, sca
 integers, scales and zero points; a Split on the last axis gives back each original output, and the bias Adds that
 followed them stay as they were. Each output column is computed exactly as before (same blocks, same accuracy level),
 so the fused graph's outputs equal the unfused graph's.
+
+Phi-2's MLP uses the tanh approximation of GELU, which the trace writes as eight elementwise nodes (Mul, Pow, Add,
+Tanh, ...); onnxruntime's transformer optimizer recognises the pattern and replaces it with one FastGelu kernel of the
+same formula (equal within float rounding).
 """
 
 from __future__ import annotations
@@ -27,17 +32,18 @@ def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
-def _group_key(node: onnx.NodeProto, constant: set[str]) -> tuple | None:
-    """What must match for two MatMulNBits to share one node; None for a node this pass leaves alone."""
+def _group_key(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple | None:
+    """What must match for two MatMulNBits to share one node (input, K, bits, block, accuracy level, zero points or not,
+    scale type); None for a node this pass leaves alone."""
     inputs = list(node.input)
     # A, B, scales [, zero_points]: no g_idx or bias inputs, every weight tensor a constant
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or not 3 <= len(inputs) <= 4:
         return None
-    if not all(name in constant for name in inputs[1:] if name):
+    if not all(name in inits for name in inputs[1:] if name):
         return None
     has_zero_points = len(inputs) == 4 and bool(inputs[3])
     return (inputs[0], _attr(node, "K"), _attr(node, "bits"), _attr(node, "block_size"),
-            _attr(node, "accuracy_level"), has_zero_points)  # fmt: skip
+            _attr(node, "accuracy_level"), has_zero_points, inits[inputs[2]].data_type)  # fmt: skip
 
 
 def _concat(tensors: list[np.ndarray], rows: list[int]) -> np.ndarray:
@@ -51,7 +57,7 @@ def fuse_shared_input_matmuls(proto: onnx.ModelProto) -> int:
     inits = {t.name: t for t in graph.initializer}
     groups: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
-        key = _group_key(node, set(inits))
+        key = _group_key(node, inits)
         if key is not None:
             groups[key].append(node)
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(first node of a group) -> its replacement nodes
@@ -106,3 +112,14 @@ def _common_name(nodes: list[onnx.NodeProto]) -> str:
             break
         common.append(pieces[0])
     return "/".join(common) + "/fused" if common and any(common) else nodes[0].name + "/fused"
+
+
+def fuse_fast_gelu(proto: onnx.ModelProto) -> int:
+    """Replace the traced tanh-GELU subgraphs with com.microsoft FastGelu; returns how many it made."""
+    from onnxruntime.transformers.fusion_fastgelu import FusionFastGelu
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(proto)  # edits `proto` in place
+    FusionFastGelu(model).apply()
+    model.prune_graph()  # the replaced elementwise nodes
+    return sum(node.op_type == "FastGelu" for node in proto.graph.node)

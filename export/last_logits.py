@@ -8,9 +8,10 @@ batches, so the last position is a real token in every row). lm_head is the larg
 more in the 2-layer graphs the benchmarks use. onnxruntime-genai's builder offers the same cut (`prune_lm_head`), so
 genai accepts logits of shape [B, 1, V] at prefill.
 
-The pass inserts Slice(axis 1, last) between the final LayerNorm and lm_head's MatMul (or MatMulNBits): hidden [B, T, D] -> [B, 1, D],
-logits [B, 1, V]. Every logit it keeps is computed exactly as before. The manifest records the logits' shape, so the
-runtime knows which graph it has (and older folders with [B, T, V] logits keep working).
+The pass inserts Slice(axis 1, last) between the final LayerNorm and lm_head's MatMul (or MatMulNBits):
+hidden [B, T, D] -> [B, 1, D], logits [B, 1, V]. The row it keeps is computed from the same numbers (an int4 lm_head may
+take MatMulNBits' one-row kernel, equal within float rounding). The manifest records the logits' shape
+(decoder.logits_positions), so the runtime knows which graph it has; older folders with [B, T, V] logits keep working.
 Whoever needs every position's logits (teacher-forced perplexity in export.quality) feeds the sequence one token at a
 time against the KV cache instead.
 """

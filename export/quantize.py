@@ -15,7 +15,8 @@ blocks of `block_size` input channels, each block with its own scale and zero po
           Hessian from the unquantized model and re-derives scales from the compensated weights when packing, so it
           shares no integers with a checkpoint; kept for comparison.
 Symmetric int4 (rtn with --symmetric, and GPTQ's symmetric integers) stores no zero points: MatMulNBits then uses 8.
-After quantization, export.fuse merges the MatMulNBits that read one input (q/k/v and fc1 of a layer) into one node.
+After quantization, export.fuse merges the MatMulNBits that read one input (q/k/v and fc1 of a layer) into one node
+and the traced tanh-GELU into FastGelu.
 `accuracy_level` 4 lets MatMulNBits compute with int8 activations (onnxruntime-genai's CPU default; faster, a little
 less exact); 0 computes in fp32 on the dequantized weights.
 fp16: weights and arithmetic in fp16, inputs and outputs kept fp32 (onnxruntime.transformers.float16).
@@ -39,7 +40,7 @@ from onnx import numpy_helper
 
 from core.model import TinyGPTV
 from core.tokenizer import TextTokenizer
-from export.fuse import fuse_shared_input_matmuls
+from export.fuse import fuse_fast_gelu, fuse_shared_input_matmuls
 from export.graphs import TWO_GB, quiet_loggers
 
 logger = logging.getLogger(__name__)
@@ -148,13 +149,12 @@ def to_int4_rtn(
     return {"matmulnbits": count, "matmul_left_fp32": []}
 
 
-def fuse_decoder(path: Path) -> int:
-    """export.fuse's MatMulNBits merge on the decoder at `path`; returns how many nodes it merged away."""
+def fuse_decoder(path: Path) -> dict[str, int]:
+    """export.fuse's passes on the int4 decoder at `path`; returns what they did, for the manifest."""
     proto = _load(path)
-    count = fuse_shared_input_matmuls(proto)
-    if count:
-        save_model(proto, path)
-    return count
+    done = {"fused_away": fuse_shared_input_matmuls(proto), "fast_gelu": fuse_fast_gelu(proto)}
+    save_model(proto, path)
+    return done
 
 
 def int4_config(method: str, block_size: int, reader=None):
@@ -215,7 +215,7 @@ def quantize_graphs(folder: Path, model: TinyGPTV, tokenizer: TextTokenizer | No
         entry["decoder"] = {"method": "dynamic int8 (per-channel weights)", "bits": 8}
     elif options.precision == "int4":
         entry["decoder"] = int4_decoder(decoder, model, tokenizer, options)
-        entry["decoder"]["fused_away"] = fuse_decoder(decoder)  # q/k/v/fc1 share one MatMulNBits per layer
+        entry["decoder"].update(fuse_decoder(decoder))  # q/k/v/fc1 share one MatMulNBits per layer; FastGelu
     else:
         entry["decoder"] = {"method": None, "bits": 32}
     entry["seconds"] = round(time.monotonic() - start, 1)

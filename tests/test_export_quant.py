@@ -31,6 +31,7 @@ def test_int4_rtn_quantizes_every_decoder_matmul(tiny_model_dir, tmp_path, reuse
         "bits": 4, "block_size": 32, "K": 64, "N": 3 * 64 + 128}  # fmt: skip
     assert nodes[0].name == "/language_model/model/layers.0/fused/MatMulNBits"  # q/k/v/fc1 (export.fuse)
     assert decoder["fused_away"] == 6 and len(nodes) == 7 and len(nodes[0].input) == 4  # asymmetric: zero points
+    assert decoder["fast_gelu"] == 2 and _ops(tmp_path / "int4" / "decoder.onnx").get("Tanh", 0) == 0
     validation = manifest["validation"]
     logits = validation["real"]["outputs"]["logits"]
     assert validation["passed"] and not validation["tolerance"]["enforced"]
