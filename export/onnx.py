@@ -246,8 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size, symmetric=args.symmetric,
-                            calib_samples=args.calib_samples, vision_precision=args.vision_precision,
+    options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size,
+                            symmetric=args.symmetric, calib_samples=args.calib_samples,
+                            vision_precision=args.vision_precision,
                             gptq_checkpoint=args.gptq_checkpoint, quality_samples=args.quality_samples,
                             validate=not args.no_validate, seed=args.seed)  # fmt: skip
     try:

@@ -84,3 +84,10 @@ def test_fused_matmuls_give_the_unfused_outputs(tiny_export_dir, tmp_path):
     }  # q, k, v, fc1
     after = open_session(path).run(None, feed)
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_symmetric_is_refused_where_it_does_not_apply(tmp_path):
+    from export.folder import ExportError
+
+    with pytest.raises(ExportError, match="--symmetric applies to --precision int4 --quant rtn"):
+        export_folder(tmp_path / "x", tmp_path, ExportOptions(precision="int4", quant="hqq", symmetric=True))
