@@ -2,11 +2,12 @@
 
     python -m benchmarks.decode_step reports/peers/models/ours-int4-l32 reports/peers/models/builder-int4-l32 \\
         --past 128 --threads 2 --reps 30 --profile
+    python -m benchmarks.decode_step FOLDER... --past 0 --tokens 128      # a prefill of 128 tokens instead
 
 Separates the two things a slow decode can be: the graph (its kernels: unfused attention, Concat of the KV cache,
 lm_head precision) and the loop around it (binding, sampling, text). Each argument is an export folder (decoder.onnx,
 head size from manifest.json) or a genai folder (genai_config.json names the graph and the head size). Inputs are a
-batch of 1 after `--past` cached tokens; the graphs run in turn, `--reps` times each, and the medians are printed. With
+batch of 1, `--tokens` new tokens (default 1: a decode step) after `--past` cached tokens; the graphs run in turn, `--reps` times each, and the medians are printed. With
 --profile, onnxruntime's profiler adds the time per operator type per step.
 """
 
@@ -36,20 +37,20 @@ def decoder_of(folder: Path) -> tuple[Path, int]:
     raise FileNotFoundError(f"{folder}: neither manifest.json nor genai_config.json")
 
 
-def step_feeds(session, past: int, head_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of one decode step after `past` tokens, from the graph's own input list."""
+def step_feeds(session, past: int, head_size: int, seed: int = 0, tokens: int = 1) -> dict[str, np.ndarray]:
+    """Inputs of one run over `tokens` new tokens after `past` cached ones, from the graph's own input list."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in session.get_inputs():
         name = spec.name
         if name == "input_ids":
-            feeds[name] = np.ones((1, 1), dtype=np.int64)
+            feeds[name] = np.ones((1, tokens), dtype=np.int64)
         elif name == "inputs_embeds":
-            feeds[name] = rng.standard_normal((1, 1, spec.shape[2])).astype(np.float32) * 0.02
+            feeds[name] = rng.standard_normal((1, tokens, spec.shape[2])).astype(np.float32) * 0.02
         elif name == "attention_mask":
-            feeds[name] = np.ones((1, past + 1), dtype=np.int64)
+            feeds[name] = np.ones((1, past + tokens), dtype=np.int64)
         elif name == "position_ids":
-            feeds[name] = np.full((1, 1), past, dtype=np.int64)
+            feeds[name] = np.arange(past, past + tokens, dtype=np.int64)[None]
         elif name.startswith("past_"):
             feeds[name] = rng.standard_normal((1, spec.shape[1], past, head_size)).astype(np.float32)
         else:
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", help="export folders and/or genai folders")
     parser.add_argument("--past", type=int, default=128, help="cached tokens before the step")
+    parser.add_argument("--tokens", type=int, default=1, help="new tokens per run (1: decode step; more: prefill)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="per-operator-type time per step")
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for folder in args.folders:
             graph, head_size = decoder_of(Path(folder))
             session = open_session(graph, args.threads, tmp if args.profile else None)
-            feeds = step_feeds(session, args.past, head_size)
+            feeds = step_feeds(session, args.past, head_size, tokens=args.tokens)
             session.run(None, feeds)  # warm-up
             runs.append((folder, session, feeds, []))
         for _ in range(args.reps):  # alternate, so drift hits every graph alike
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 times.append((time.perf_counter() - start) * 1e3)
         for folder, session, _feeds, times in runs:
             stats = summarize(times)
-            print(f"{folder}: {stats['median']:.2f} ms per step (p90 {stats['p90']:.2f}, min {stats['min']:.2f})")
+            print(f"{folder}: {stats['median']:.2f} ms per run (p90 {stats['p90']:.2f}, min {stats['min']:.2f})")
             if args.profile:
                 trace = session.end_profiling()
                 for op, ms in list(op_profile(trace, args.reps + 1).items())[:10]:

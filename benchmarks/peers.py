@@ -7,8 +7,9 @@ and transformers, all on the same random weights (made here: no download).
 Steps (each model is kept under --out/models and reused by later runs unless --rebuild):
 1. stock Phi-2 weights: our PhiDecoder with TinyGPT-V's changes switched off (no q/k LayerNorm, no RMSNorm), random
    (std 0.02), written as a Hugging Face Phi folder with a stand-in byte-level tokenizer (<|endoftext|> = 50256);
-2. ours: the same weights through our exporter (`export.onnx`, --precision int4 --quant rtn by default, like the
-   builder's default RTN), with a small vision part in front (the decoder is what is compared);
+2. ours: the same weights through our exporter (`export.onnx`, --precision int4 --quant rtn --symmetric by default,
+   like the builder's default RTN: symmetric, block 32, accuracy level 4), with a small vision part in front (the
+   decoder is what is compared);
 3. the builder: `python -m onnxruntime_genai.models.builder -i PHI -o DIR -p int4 -e cpu` (fused attention, rotary,
    SkipLayerNorm);
 4. llama.cpp: convert_hf_to_gguf.py + llama-quantize Q4_0 (skipped with a note if llama.cpp is not built:
@@ -98,7 +99,9 @@ def export_ours(phi: Path, out: Path, precision: str, quant: str) -> None:
                       prompt=PromptConfig(image_token_id=hf["vocab_size"] - 1))  # fmt: skip
     model = TinyGPTV(cfg).eval()
     load_phi_folder(model.language_model, phi)
-    export_folder(out, options=ExportOptions(precision=precision, quant=quant), tokenizer_dir=phi, model=model)
+    symmetric = (precision, quant) == ("int4", "rtn")  # as the builder quantizes
+    options = ExportOptions(precision=precision, quant=quant, symmetric=symmetric)
+    export_folder(out, options=options, tokenizer_dir=phi, model=model)
 
 
 def build_builder(phi: Path, out: Path, precision: str) -> None:

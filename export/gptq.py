@@ -168,8 +168,9 @@ def pack_checkpoint_into(decoder_path: str | Path, folder: str | Path, accuracy_
         N, K = q.codes.shape
         B, scales, zp = matmulnbits_tensors(q)
         base = node.input[1].removesuffix(".weight")
-        new = [numpy_helper.from_array(B, f"{base}.qweight"), numpy_helper.from_array(scales, f"{base}.scales"),
-               numpy_helper.from_array(zp, f"{base}.qzeros")]  # fmt: skip
+        new = [numpy_helper.from_array(B, f"{base}.qweight"), numpy_helper.from_array(scales, f"{base}.scales")]
+        if not (zp == 0x88).all():  # symmetric GPTQ's zero points are all 8, MatMulNBits' default: leave them out
+            new.append(numpy_helper.from_array(zp, f"{base}.qzeros"))
         proto.graph.initializer.extend(new)
         proto.graph.initializer.remove(inits[node.input[1]])
         bias = inits.get(f"{base}.bias")

@@ -3,10 +3,11 @@
     vision.onnx     pixel_values [B, 3, S, S]                      -> image_features [B, N, D]  (TinyGPTV.encode_image)
     embedding.onnx  input_ids [B, T], image_features [B, N, D]      -> inputs_embeds [B, T, D]   (TinyGPTV.embed)
     decoder.onnx    inputs_embeds [B, T, D], attention_mask [B, P+T], position_ids [B, T],
-                    past_key_values.%d.key/value [B, H, P, hs]      -> logits [B, T, V], present.%d.key/value [B, H, P+T, hs]
+                    past_key_values.%d.key/value [B, H, P, hs]      -> logits [B, 1, V], present.%d.key/value [B, H, P+T, hs]
 
 The wrappers below only flatten the KV list into named tensors; the arithmetic is the PyTorch model's, so the graphs
-cannot drift from it. Sample inputs use distinct sizes >= 2 for every dynamic axis: torch.export specialises axes of
+cannot drift from it. The decoder is traced with logits for every position; export.last_logits then cuts lm_head
+to the last position, the only one a generator reads. Sample inputs use distinct sizes >= 2 for every dynamic axis: torch.export specialises axes of
 size 0 or 1 and merges axes whose sample sizes are equal, and either would freeze an axis the runtime needs free.
 """
 
@@ -88,7 +89,7 @@ def graph_specs(model: TinyGPTV) -> dict[str, GraphSpec]:
                 "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
                 "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
                 "position_ids": {0: "batch_size", 1: "sequence_length"},
-                "logits": {0: "batch_size", 1: "sequence_length"},
+                "logits": {0: "batch_size"},  # [B, 1, V] once export.last_logits has run
                 **kv_in,
                 **kv_out,
             },

@@ -20,6 +20,7 @@ import onnx
 
 from core.config import ModelConfig
 from core.prompts import IMAGE_PLACEHOLDER, IMAGE_TEXT, TASK_TAGS
+from export.last_logits import last_position_only
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def build_manifest(
         graphs[name] = {"file": file, "sha256": sha256_file(folder / file), **graph_signature(folder / file)}
     graph_files = set(GRAPH_FILES.values())
     files = {f: sha256_file(folder / f) for f in folder_files(folder) if f not in graph_files}
+    logits_shape = next(o["shape"] for o in graphs["decoder"]["outputs"] if o["name"] == "logits")
     return {
         "schema_version": SCHEMA_VERSION,
         "format": FORMAT,
@@ -100,6 +102,8 @@ def build_manifest(
             "hidden_size": lm.hidden_size,
             "context_length": lm.max_position_embeddings,
             "vocab_size": lm.vocab_size,
+            # "last": logits [B, 1, V] (export.last_logits); "all": [B, T, V], as folders written before it
+            "logits_positions": "last" if last_position_only(logits_shape) else "all",
         },
         "image": cfg.image.to_dict(),
         "num_image_tokens": cfg.num_image_tokens,

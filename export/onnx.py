@@ -8,6 +8,7 @@
               apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
 --quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq
               | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
+--symmetric   with --quant rtn: a scale per block and no zero points (onnxruntime-genai's default; faster MatMulNBits).
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
 --calib-data  GPTQ's calibration examples, --eval-data the held-out examples of the manifest's quality row: JSON lines
@@ -48,6 +49,7 @@ from export.calibration import check_data
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
+from export.last_logits import set_logits_positions
 from export.manifest import build_manifest, sha256_file, write_manifest
 from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
 from export.validate import smoke_validate, validate_folder
@@ -64,6 +66,7 @@ class ExportOptions:
     precision: str = "fp32"
     quant: str = "gptq"
     block_size: int = 32
+    symmetric: bool = False  # rtn only: no zero points (faster kernels, a little less exact)
     calib_data: str | None = None  # image + prompt + answer examples for GPTQ (export.calibration)
     calib_samples: int = 32
     vision_precision: str | None = None  # None: fp32 for int4, else the same as `precision`
@@ -166,6 +169,8 @@ def export_folder(
         raise ExportError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if options.quant not in QUANT_METHODS or options.block_size not in BLOCK_SIZES:
         raise ExportError(f"--quant must be one of {QUANT_METHODS} and --block-size one of {BLOCK_SIZES}")
+    if options.symmetric and (options.precision, options.quant) != ("int4", "rtn"):
+        raise ExportError("--symmetric applies to --precision int4 --quant rtn (GPTQ is symmetric already)")
     if options.gptq_checkpoint and options.precision != "int4":
         raise ExportError(f"--gptq-checkpoint gives int4 weights; pass --precision int4 (not {options.precision})")
     refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
@@ -194,7 +199,9 @@ def export_folder(
             logger.info("exporting %s graph", name)
             with materialized(model, name, options.seed):
                 export_graph(model, name, tmp / file, seed=options.seed)
+        set_logits_positions(tmp / GRAPH_FILES["decoder"], "all")  # calibration (gptq-ort) sees every position
         quantization = quantize_folder(tmp, model, tokenizer, options)
+        set_logits_positions(tmp / GRAPH_FILES["decoder"], "last")  # prefill runs lm_head for the last position only
         write_genai_config(tmp, model.config)
         if tokenizer is not None:
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
@@ -257,6 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
     quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
+    quant.add_argument("--symmetric", action="store_true", help="rtn: no zero points (onnxruntime-genai's default)")
     quant.add_argument("--calib-data", help="GPTQ calibration examples: image + prompt + answer, JSON lines")
     quant.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration sequences (the file's first N)")
     quant.add_argument("--gptq-checkpoint", help="int4 from this python -m export.gptq folder (same integers)")
@@ -278,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = ExportOptions(precision=args.precision, quant=args.quant, block_size=args.block_size,
-                            calib_data=args.calib_data, calib_samples=args.calib_samples,
+                            symmetric=args.symmetric, calib_data=args.calib_data, calib_samples=args.calib_samples,
                             vision_precision=args.vision_precision, gptq_checkpoint=args.gptq_checkpoint,
                             eval_data=args.eval_data, quality_samples=args.quality_samples,
                             validate=not args.no_validate, seed=args.seed, image_size=args.image_size)  # fmt: skip

@@ -59,7 +59,22 @@ class FolderModel:
         return self.embedding.run(None, {"input_ids": input_ids, "image_features": features})[0]  # [1, T, D]
 
     def logits(self, embeds: np.ndarray) -> np.ndarray:
-        return self.decoder.run(["logits"], decoder_feed(embeds, self.cfg))[0]  # [1, T, V]
+        """Teacher-forced logits of every position [1, T, V].
+
+        A decoder with last-position logits (export.last_logits) is fed one token at a time against its KV cache, as
+        generation feeds it; one with logits for every position runs once.
+        """
+        feed = decoder_feed(embeds, self.cfg)
+        if self.decoder.get_outputs()[0].shape[1] != 1:
+            return self.decoder.run(["logits"], feed)[0]  # [1, T, V]
+        names = [i.name for i in self.decoder.get_inputs()]
+        past = [feed[n] for n in names[3:]]
+        rows = []
+        for t in range(embeds.shape[1]):
+            step = [embeds[:, t : t + 1], np.ones((1, t + 1), np.int64), np.array([[t]], np.int64)]
+            logits, *past = self.decoder.run(None, dict(zip(names, [*step, *past])))  # [1, 1, V]
+            rows.append(logits[:, -1])
+        return np.stack(rows, axis=1)  # [1, T, V]
 
     def greedy(self, prompt: list[int], pixel_values: np.ndarray, max_new_tokens: int) -> list[int]:
         ids = np.array([prompt], np.int64)

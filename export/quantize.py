@@ -14,6 +14,9 @@ blocks of `block_size` input channels, each block with its own scale and zero po
   - gptq-ort  onnxruntime's GPTQ with a CalibrationDataReader of the same multimodal sequences. It takes every
           Hessian from the unquantized model and re-derives scales from the compensated weights when packing, so it
           shares no integers with a checkpoint; kept for comparison.
+Symmetric int4 (rtn with --symmetric, and GPTQ's symmetric integers) stores no zero points: MatMulNBits then uses 8.
+After quantization, export.fuse merges the MatMulNBits that read one input (q/k/v and fc1 of a layer) into one node
+and the traced tanh-GELU into FastGelu.
 `accuracy_level` 4 lets MatMulNBits compute with int8 activations (onnxruntime-genai's CPU default; faster, a little
 less exact); 0 computes in fp32 on the dequantized weights.
 fp16: weights and arithmetic in fp16, inputs and outputs kept fp32 (onnxruntime.transformers.float16).
@@ -37,6 +40,7 @@ from onnx import numpy_helper
 
 from core.model import TinyGPTV
 from core.tokenizer import TextTokenizer
+from export.fuse import fuse_fast_gelu, fuse_shared_input_matmuls
 from export.graphs import TWO_GB, quiet_loggers
 
 logger = logging.getLogger(__name__)
@@ -91,8 +95,13 @@ def _tensor(t: onnx.TensorProto, base: Path) -> np.ndarray:
     )
 
 
-def to_int4_rtn(path: Path, block_size: int, accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict[str, Any]:
-    """RTN int4 one weight at a time (onnxruntime's C++ block quantizer, asymmetric), streaming from external data.
+def to_int4_rtn(
+    path: Path, block_size: int, accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False
+) -> dict[str, Any]:
+    """RTN int4 one weight at a time (onnxruntime's C++ block quantizer), streaming from external data.
+
+    Asymmetric: a scale and a zero point per block. Symmetric: a scale per block and no zero points (MatMulNBits then
+    takes 8, the middle of 0..15), which saves the kernel a load and a subtraction per block.
 
     The same arithmetic as MatMulNBitsQuantizer's DefaultWeightOnlyQuantConfig, but never more than one fp32 weight in
     memory: a Phi-2-size decoder (11 GB of fp32 weights) quantizes in about 0.5 GB of RAM plus its int4 result.
@@ -115,10 +124,14 @@ def to_int4_rtn(path: Path, block_size: int, accuracy_level: int = INT4_ACCURACY
         packed = np.zeros((N, blocks, block_size // 2), np.uint8)
         scales = np.zeros((N, blocks), np.float32)
         zeros = np.zeros((N, -(-blocks // 2)), np.uint8)
-        quantize_matmul_4bits(packed, fp32, scales, zeros, block_size, N, K, False)
+        quantize_matmul_4bits(packed, fp32, scales, zeros, block_size, N, K, symmetric)
         stem = weight.name.removesuffix(".weight")
-        new = [numpy_helper.from_array(packed, f"{stem}.qweight"), numpy_helper.from_array(scales.reshape(-1), f"{stem}.scales"),
-               numpy_helper.from_array(zeros.reshape(-1), f"{stem}.qzeros")]  # fmt: skip
+        new = [
+            numpy_helper.from_array(packed, f"{stem}.qweight"),
+            numpy_helper.from_array(scales.reshape(-1), f"{stem}.scales"),
+        ]
+        if not symmetric:
+            new.append(numpy_helper.from_array(zeros.reshape(-1), f"{stem}.qzeros"))
         proto.graph.initializer.extend(new)
         proto.graph.initializer.remove(weight)
         nodes.append(onnx.helper.make_node(
@@ -134,6 +147,14 @@ def to_int4_rtn(path: Path, block_size: int, accuracy_level: int = INT4_ACCURACY
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     save_model(proto, path)
     return {"matmulnbits": count, "matmul_left_fp32": []}
+
+
+def fuse_decoder(path: Path) -> dict[str, int]:
+    """export.fuse's passes on the int4 decoder at `path`; returns what they did, for the manifest."""
+    proto = _load(path)
+    done = {"fused_away": fuse_shared_input_matmuls(proto), "fast_gelu": fuse_fast_gelu(proto)}
+    save_model(proto, path)
+    return done
 
 
 def int4_config(method: str, block_size: int, reader=None):
@@ -194,6 +215,7 @@ def quantize_graphs(folder: Path, model: TinyGPTV, tokenizer: TextTokenizer | No
         entry["decoder"] = {"method": "dynamic int8 (per-channel weights)", "bits": 8}
     elif options.precision == "int4":
         entry["decoder"] = int4_decoder(decoder, model, tokenizer, options)
+        entry["decoder"].update(fuse_decoder(decoder))  # q/k/v/fc1 share one MatMulNBits per layer; FastGelu
     else:
         entry["decoder"] = {"method": None, "bits": 32}
     entry["seconds"] = round(time.monotonic() - start, 1)
@@ -201,7 +223,7 @@ def quantize_graphs(folder: Path, model: TinyGPTV, tokenizer: TextTokenizer | No
 
 
 def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, options) -> dict[str, Any]:
-    info: dict[str, Any] = {"bits": 4, "block_size": options.block_size, "symmetric": False,
+    info: dict[str, Any] = {"bits": 4, "block_size": options.block_size, "symmetric": options.symmetric,
                             "accuracy_level": INT4_ACCURACY_LEVEL, "format": "MatMulNBits"}  # fmt: skip
     if options.gptq_checkpoint:
         from export.gptq import pack_checkpoint_into
@@ -228,7 +250,7 @@ def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, o
         info["calibration"] = describe(sequences, options.calib_data)
     info["method"] = options.quant
     if options.quant == "rtn":
-        info.update(to_int4_rtn(path, options.block_size))
+        info.update(to_int4_rtn(path, options.block_size, symmetric=options.symmetric))
     else:
         info.update(to_int4(path, options.quant.removesuffix("-ort"), options.block_size, reader))
     return info

@@ -5,6 +5,7 @@
 
 1. Signatures: each graph's input and output names in the declared order, every declared dynamic axis symbolic (by its
    name) and every other axis a fixed number.
+   The decoder's logits are the last position's ([B, 1, V], export.last_logits): compared with PyTorch's last row.
 2. Random inputs, batch 2 with the first row left-padded: vision, embedding, then the decoder at past length 0 (prefill)
    and 3 decode steps, each side feeding back its own KV cache.
 3. A real input, batch 1: a drawn image and a templated question through vision -> embedding -> decoder, prefill and
@@ -117,7 +118,7 @@ def _run_decoder_chain(model, sessions, specs, tracker, embeds, mask, step_embed
             pt_logits, present = model.decode(
                 torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(feed["position_ids"]), pt_past
             )
-        refs = [pt_logits, *[t for kv in present for t in kv]]
+        refs = [pt_logits[:, -found[0].shape[1] :], *[t for kv in present for t in kv]]  # logits: the graph's positions
         for name, out, ref in zip(spec.outputs, found, refs):
             tracker.add(name, out, ref)
         steps.append({"step": step, "past_length": int(ort_past[0].shape[2]), "query_length": int(embeds.shape[1]),
@@ -259,7 +260,7 @@ def smoke_validate(folder: str | Path, model: TinyGPTV, seed: int = 0) -> dict[s
     for _ in range(DECODE_STEPS + 1):
         logits, *past = session.run(None, _decoder_feed(specs["decoder"].inputs, embeds, mask, past))
         finite &= bool(np.isfinite(logits).all())
-        if logits.shape != (1, embeds.shape[1], lm.vocab_size) or past[0].shape[2] != mask.shape[1]:
+        if logits.shape != (1, 1, lm.vocab_size) or past[0].shape[2] != mask.shape[1]:  # last position only
             problems.append(f"decoder output shapes {logits.shape} / {past[0].shape} do not fit the inputs")
         embeds = rng.standard_normal((1, 1, lm.hidden_size)).astype(np.float32)
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)

@@ -13,8 +13,9 @@ Terms (bytes):
   them each step instead of allocating;
 - activations: the largest step (prefill of a full context, or the vision encoder), summed over the three sessions
   because each session keeps its own arena. The prompt is prefilled in chunks of PREFILL_CHUNK tokens (runtime.generate),
-  so a step holds one chunk's logits [B, C, V], attention scores [B, H, C, context] and hidden states, not the whole
-  prompt's: at context 2,048 of Phi-2 the scores alone would be 1 GiB [1, 32, 2048, 2048] instead of 128 MiB;
+  so a step holds one chunk's logits ([B, 1, V], or [B, C, V] in folders from before export.last_logits), attention
+  scores [B, H, C, context] and hidden states, not the whole prompt's: at context 2,048 of Phi-2 the scores alone
+  would be 1 GiB [1, 32, 2048, 2048] instead of 128 MiB;
 - arena: ONNX Runtime's allocator overhead on the activations (chunk rounding, fragmentation);
 - runtime: the Python interpreter, numpy, onnxruntime and its thread pools, the tokenizer; measured, not derived.
 Peak = runtime + weights + max(load transient, KV cache + activations + arena).
@@ -155,7 +156,7 @@ def _decoder_activations(manifest: Manifest, context: int, batch_size: int, chun
     lm = cfg.get("language_model", {}) if isinstance(cfg, dict) else {}
     inner = int(lm.get("intermediate_size", 4 * d.hidden_size))
     step = min(context, chunk)
-    logits = step * d.vocab_size
+    logits = (1 if d.logits_positions == "last" else step) * d.vocab_size
     scores = 2 * d.num_heads * step * context
     hidden = step * (8 * d.hidden_size + 2 * inner)
     embeds = 2 * context * d.hidden_size  # the embedding graph's output, then the decoder's copy

@@ -226,16 +226,21 @@ class DecodeLoop:
 
         One decoder run per chunk of `prefill_chunk` tokens, each against the cache filled by the chunks before it:
         the same logits as one run over the whole prompt, with a chunk's activations instead of the prompt's.
+        A decoder with last-position logits writes each chunk's straight into the fixed step buffer, as a decode step
+        does; one with every position's logits (older folders) gets a [rows, C, V] array per chunk, freed at once.
         """
         embeds = np.asarray(embeds, dtype=np.float32)
         total, size = embeds.shape[1], self.prefill_chunk
+        last_only = self.spec.logits_positions == "last"
         for first in range(0, total, size):
             chunk = np.ascontiguousarray(embeds[:, first : first + size])  # [rows, C, D]
-            self._run_decoder(chunk.ctypes.data, list(chunk.shape), row_masks[:, first : first + size], False)
+            self._run_decoder(chunk.ctypes.data, list(chunk.shape), row_masks[:, first : first + size], last_only)
+            if last_only:
+                continue
             if first + size >= total:
                 last = self.decoder_binding.get_outputs()[0].numpy()[:, -1].copy()  # [rows, V]
             self.decoder_binding.clear_binding_outputs()  # let the chunk's logits [rows, C, V] go now
-        return last
+        return self.step_logits[: self.cache.rows, 0] if last_only else last  # [rows, V]
 
     def step(self, next_ids: np.ndarray) -> np.ndarray:
         """One decode step for the chosen ids [rows] -> logits [rows, V] (a view of the fixed logits buffer)."""

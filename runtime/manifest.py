@@ -63,6 +63,7 @@ class DecoderSpec:
     hidden_size: int
     context_length: int
     vocab_size: int
+    logits_positions: str = "all"  # "last": logits [B, 1, V]; "all": [B, T, V] (folders exported before the cut)
 
     def past_key(self, layer: int) -> str:
         return self.past_key_template % layer
@@ -229,7 +230,10 @@ def parse_manifest(data: dict[str, Any], folder: Path) -> Manifest:
             _get(dec, k, int, w)
             for k in ("num_layers", "num_heads", "head_size", "hidden_size", "context_length", "vocab_size")
         ),
+        logits_positions=_get(dec, "logits_positions", str, w) if "logits_positions" in dec else "all",
     )
+    if decoder.logits_positions not in ("last", "all"):
+        raise ManifestError(f"{w}.logits_positions: {decoder.logits_positions!r}, expected 'last' or 'all'")
     img = _get(data, "image", dict, where)
     w = f"{where}: image"
     image = ImageConfig(

@@ -28,7 +28,7 @@ def _session(path):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decoder_matches_pytorch_prefill_and_decode(tiny_model_dir, tiny_export_dir, batch):
-    """Past length 0 at prefill, then 3 steps on each side's own cache; logits and KV within 1e-5."""
+    """Past length 0 at prefill, then 3 steps on each side's own cache; last-position logits and KV within 1e-5."""
     model = TinyGPTV.from_pretrained(tiny_model_dir)
     lm = model.config.language_model
     decoder = _session(tiny_export_dir / "decoder.onnx")
@@ -45,7 +45,8 @@ def test_decoder_matches_pytorch_prefill_and_decode(tiny_model_dir, tiny_export_
         out = decoder.run(None, dict(zip(names, [embeds.numpy(), mask.numpy(), positions.numpy(), *ort_past])))
         with torch.no_grad():
             logits, pt_past = model.decode(embeds, mask, positions, pt_past)
-        refs = [logits, *[t for kv in pt_past for t in kv]]
+        refs = [logits[:, -1:], *[t for kv in pt_past for t in kv]]
+        assert out[0].shape == (batch, 1, lm.vocab_size)  # lm_head runs for the last position only
         worst = max(worst, *(float(np.abs(o - r.numpy()).max()) for o, r in zip(out, refs)))
         assert out[1].shape[2] == mask.shape[1]  # present holds past + this step
         ort_past = out[1:]
@@ -83,7 +84,7 @@ def test_manifest_describes_the_folder(tiny_model_dir, tiny_export_dir):
         "kv_templates": {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
                          "present_key": "present.%d.key", "present_value": "present.%d.value"},
         "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_size": 16, "hidden_size": 64,
-        "context_length": 256, "vocab_size": 128,
+        "context_length": 256, "vocab_size": 128, "logits_positions": "last",
     }  # fmt: skip
     assert manifest["num_image_tokens"] == 8 and manifest["image_token_id"] == 127
     assert manifest["image"]["size"] == cfg.image.size and manifest["image"]["mean"] == list(cfg.image.mean)
@@ -91,6 +92,7 @@ def test_manifest_describes_the_folder(tiny_model_dir, tiny_export_dir):
     assert [i["name"] for i in decoder["inputs"]][:4] == [
         "inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"]  # fmt: skip
     assert decoder["inputs"][3]["shape"] == ["batch_size", 4, "past_sequence_length", 16]
+    assert decoder["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch_size", 1, 128]}
     assert decoder["outputs"][1] == {"name": "present.0.key", "dtype": "float32",
                                      "shape": ["batch_size", 4, "total_sequence_length", 16]}  # fmt: skip
     validation = manifest["validation"]

@@ -13,6 +13,7 @@ from core.model import TinyGPTV
 from export.calibration import decoder_feed, multimodal_sequences
 from export.gptq import gptq_export, load_gptq_model, main, pack_checkpoint_into, read_gptq_decoder
 from export.gptq_solver import QuantizedLinear, gptq_linear, pack_gptq, unpack_gptq
+from export.last_logits import set_logits_positions
 from export.validate import open_session
 
 
@@ -94,6 +95,7 @@ def test_onnx_int4_from_checkpoint_agrees_with_pytorch(
 ):
     """The same integers in MatMulNBits: fp32 arithmetic (level 0) agrees to 1e-5; int8 activations (level 4) to 3e-2."""
     decoder = shutil.copy(tiny_export_dir / "decoder.onnx", tmp_path / "decoder.onnx")
+    set_logits_positions(decoder, "all")  # compare every position, not only the last
     assert pack_checkpoint_into(decoder, gptq_dir, accuracy_level=level)["matmulnbits"] == 13
     session = open_session(decoder)
     reference = load_gptq_model(gptq_dir)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
+from core.config import ModelConfig
+from export.calibration import decoder_feed
+from export.fuse import fuse_shared_input_matmuls
 from export.onnx import ExportOptions, export_folder
+from export.quantize import to_int4_rtn
+from export.validate import open_session
 
 
 def _ops(path) -> dict[str, int]:
@@ -22,8 +28,10 @@ def test_int4_rtn_quantizes_every_decoder_matmul(tiny_model_dir, tmp_path, reuse
     assert (decoder["method"], decoder["bits"], decoder["block_size"], decoder["accuracy_level"]) == ("rtn", 4, 32, 4)
     nodes = [n for n in onnx.load(str(tmp_path / "int4" / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in nodes[0].attribute if a.name in ("bits", "block_size", "K", "N")} == {
-        "bits": 4, "block_size": 32, "K": 64, "N": 64}  # fmt: skip
-    assert nodes[0].name == "/language_model/model/layers.0/self_attn/q_proj/MatMul_Q4"
+        "bits": 4, "block_size": 32, "K": 64, "N": 3 * 64 + 128}  # fmt: skip
+    assert nodes[0].name == "/language_model/model/layers.0/fused/MatMulNBits"  # q/k/v/fc1 (export.fuse)
+    assert decoder["fused_away"] == 6 and len(nodes) == 7 and len(nodes[0].input) == 4  # asymmetric: zero points
+    assert decoder["fast_gelu"] == 2 and _ops(tmp_path / "int4" / "decoder.onnx").get("Tanh", 0) == 0
     validation = manifest["validation"]
     logits = validation["real"]["outputs"]["logits"]
     assert validation["passed"] and not validation["tolerance"]["enforced"]
@@ -71,3 +79,32 @@ def test_gptq_without_calibration_data_fails_before_any_work(tiny_model_dir, tmp
     with pytest.raises(ExportError, match=r"bad.jsonl:1: image .*missing.jpg does not exist"):
         export_folder(tmp_path / "gptq", tiny_model_dir, ExportOptions(precision="int4", calib_data=str(bad)))
     assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_fused_matmuls_give_the_unfused_outputs(tiny_export_dir, tmp_path):
+    """export.fuse: q/k/v/fc1 of each layer in one MatMulNBits + Split, every output exactly as before."""
+    path = tmp_path / "decoder.onnx"
+    path.write_bytes((tiny_export_dir / "decoder.onnx").read_bytes())
+    to_int4_rtn(path, 32, symmetric=True)
+    proto = onnx.load(str(path))
+    assert all(len(n.input) == 3 for n in proto.graph.node if n.op_type == "MatMulNBits")  # symmetric: no zero points
+    embeds = np.random.default_rng(0).standard_normal((1, 5, 64)).astype(np.float32)
+    feed = decoder_feed(embeds, ModelConfig.preset("tiny"))
+    before = open_session(path).run(None, feed)
+    assert fuse_shared_input_matmuls(proto) == 6  # 3 of 4 per layer merged away
+    onnx.save(proto, str(path))
+    fused = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(fused) == 7 and fused[0].name == "/language_model/model/layers.0/fused/MatMulNBits"
+    assert {a.name: a.i for a in fused[0].attribute if a.name in ("K", "N")} == {
+        "K": 64,
+        "N": 3 * 64 + 128,
+    }  # q, k, v, fc1
+    after = open_session(path).run(None, feed)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_symmetric_is_refused_where_it_does_not_apply(tmp_path):
+    from export.folder import ExportError
+
+    with pytest.raises(ExportError, match="--symmetric applies to --precision int4 --quant rtn"):
+        export_folder(tmp_path / "x", tmp_path, ExportOptions(precision="int4", quant="hqq", symmetric=True))

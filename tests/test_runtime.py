@@ -65,6 +65,29 @@ def test_greedy_batch_and_single_match_pytorch_token_for_token(pipe, reference):
     assert penalised.tokens == reference(rows[:1], imgs[:1], repetition_penalty=1.5).tokens[0] != ref.tokens[0]
 
 
+def test_a_folder_with_every_positions_logits_gives_the_same_tokens(tiny_export_dir, tmp_path, reference):
+    """Folders exported before export.last_logits (logits [B, T, V], no logits_positions) still run, token for token."""
+    import shutil
+
+    from export.last_logits import set_logits_positions
+    from export.manifest import graph_signature, read_manifest, sha256_file, write_manifest
+
+    old = Path(shutil.copytree(tiny_export_dir, tmp_path / "old"))
+    assert set_logits_positions(old / "decoder.onnx", "all")
+    manifest = read_manifest(old)
+    del manifest["decoder"]["logits_positions"]
+    manifest["graphs"]["decoder"].update(
+        sha256=sha256_file(old / "decoder.onnx"), **graph_signature(old / "decoder.onnx")
+    )
+    write_manifest(old, manifest)
+    old_pipe = Pipeline.load(old, threads=1, batch_size=2)
+    assert old_pipe.manifest.decoder.logits_positions == "all"
+    imgs = images(2)
+    requests = [(imgs[0], QUESTIONS[0]), (imgs[1], QUESTIONS[1])]
+    rows = [old_pipe.prompt_ids(q, True) for _, q in requests]
+    assert [r.tokens for r in old_pipe.generate_batch(requests, max_new_tokens=12)] == reference(rows, imgs, 12).tokens
+
+
 DEMO = ROOT / "runs" / "demo" / "final"
 
 
