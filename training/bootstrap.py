@@ -62,8 +62,8 @@ class BootstrapSettings:
 # demo: measured on the shared 2-core box (see /work/notes/training_engine.md, bootstrap section)
 _PRESETS = {
     "demo": BootstrapSettings(
-        vision=VisionPhase(steps=160, batch_size=32, lr=1.5e-3, mixed_from=0.7),
-        language=LanguagePhase(steps=200, scenes_per_step=16, turns=6, lr=1.5e-3, norm_mix=0.5),
+        vision=VisionPhase(steps=640, batch_size=8, lr=1.5e-3, mixed_from=0.9, log_every=50),
+        language=LanguagePhase(steps=480, scenes_per_step=8, turns=6, lr=1.5e-3, norm_mix=0.5, log_every=50),
         probe_scenes=96,
     ),
     "tiny": BootstrapSettings(
