@@ -396,13 +396,24 @@ def _warmup_cosine(warmup: int, total: int):
 
 @torch.no_grad()
 def evaluate_heads(model: TinyGPTV, heads: VisionHeads, world, n: int, size: int, split: str = "val") -> dict:
-    """Held-out accuracy of the linear heads on frozen features: how linearly the Q-Former outputs hold the scene."""
+    """Held-out accuracy of the linear heads on frozen features: how linearly the Q-Former outputs hold the scene.
+
+    `patch_colour` / `patch_shape` score the patch head on the patches an object covers, so a property the slots miss
+    can be told apart: lost in the ViT tokens already, or only in the Q-Former's reading of them.
+    """
     scenes = [world.scene(i, split) for i in range(n)]
     correct: dict[str, list[float]] = {k: [] for k in ("colour", "shape", "size", "empty", "box_iou50", "count")}
-    correct.update(colour_count=[], shape_count=[], pairs=[], background=[])
+    correct.update(colour_count=[], shape_count=[], pairs=[], background=[], patch_colour=[], patch_shape=[])
+    n_col = len(COLOUR_NAMES) + 1
     for start in range(0, n, 64):
         chunk = scenes[start : start + 64]
-        _, queries = encode(model, pixels(chunk, model, size))
+        tokens, queries = encode(model, pixels(chunk, model, size))  # [B, 1+P, Dv], [B, N, Dq]
+        # the patch head on patches an object covers: what the ViT tokens hold before the Q-Former reads them
+        p_colour, p_shape = patch_targets(chunk, int(round((tokens.shape[1] - 1) ** 0.5)))  # [B, P] each
+        patch = heads.patch(tokens[:, 1:])  # [B, P, 7+5]
+        on = p_colour > 0
+        correct["patch_colour"] += (patch[..., :n_col].argmax(-1) == p_colour)[on].float().tolist()
+        correct["patch_shape"] += (patch[..., n_col:].argmax(-1) == p_shape)[on].float().tolist()
         o = head_outputs(heads, queries)
         t = _keep_slots(scene_targets(chunk), o["colour"].shape[1])
         occ = t.cell_colour > 0  # [B, 9]
