@@ -30,7 +30,7 @@ from benchmarks.workload import Workload, WorkloadError, prompt_ids, text_only
 from runtime.budget import format_bytes, parse_bytes
 from runtime.errors import RuntimeInputError
 
-PLAN_TERMS = ("weights", "load_transient", "kv_cache", "activations", "arena", "runtime")
+PLAN_TERMS = ("weights", "prepacked", "load_transient", "kv_cache", "activations", "arena", "runtime")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

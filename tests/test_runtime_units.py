@@ -284,6 +284,9 @@ def test_int4_is_suggested_when_only_smaller_weights_would_fit(tmp_path):
         plan.check()
     manifest["quantization"] = {"precision": "int4", "decoder": {"bits": 4}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    int4 = plan_memory(read_manifest(folder), budget="512MB")  # an int4 decoder is repacked at load: 0.4 x its bytes
+    assert plan.prepacked == 0 and int4.prepacked == int(0.4 * (400 << 20))
+    assert int4.peak == int4.runtime + int4.weights + int4.prepacked + max(int4.load_transient, int4.run)
     with pytest.raises(BudgetError, match="nothing smaller fits, raise --memory-budget"):
         plan_memory(read_manifest(folder), budget="512MB").check()
 
