@@ -30,7 +30,7 @@ from benchmarks.workload import Workload, WorkloadError, prompt_ids, text_only
 from runtime.budget import format_bytes, parse_bytes
 from runtime.errors import RuntimeInputError
 
-PLAN_TERMS = ("weights", "load_transient", "kv_cache", "activations", "arena", "runtime")
+PLAN_TERMS = ("weights", "prepacked", "load_transient", "kv_cache", "activations", "arena", "runtime")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,7 +133,7 @@ def memory_table(rows: list[dict]) -> str:
     budget, goal = rows[0]["budget_bytes"], rows[0]["goal_bytes"]
     lines = [
         f"| folder | image px | vision | test | on disk (vision / embedding / decoder) | load s | planned peak | "
-        f"peak RSS (VmHWM) | after load | vs budget {_gib(budget)} | vs goal {_gib(goal)} |",
+        f"peak RSS (VmHWM) | peak while loading | vs budget {_gib(budget)} | vs goal {_gib(goal)} |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     terms = ["| folder | " + " | ".join(t.replace("_", " ") for t in PLAN_TERMS) + " | planned peak |",

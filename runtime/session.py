@@ -7,10 +7,15 @@ Threads: `threads` sets each session's intra-op pool (None = onnxruntime's defau
 graphs run one after another, never at once, so inter-op parallelism stays off. The CPU arena is off: the runtime
 keeps its big buffers (KV cache, decode logits) itself, and without the arena the memory of a prefill goes back to the
 system after it, which keeps the measured peak inside the memory plan. Pool threads do not spin between runs.
+After each graph loads, the C heap is trimmed (glibc's malloc_trim): loading parses the graph's protobuf and prepacks
+its weights, and the freed buffers would otherwise stay resident for the life of the process (measured on the real-size
+int4 Phi-2 decoder: 2.98 GB resident after loading a 1.70 GB file, 2.34 GB after the trim).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import time
 from dataclasses import dataclass
@@ -59,6 +64,28 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
+def release_freed_memory() -> int:
+    """Give the C heap's free pages back to the system (glibc malloc_trim); the bytes of RSS that went, 0 elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim this way
+        trim = None
+    if trim is None:
+        return 0
+    before = _resident_bytes()
+    trim(0)
+    return max(before - _resident_bytes(), 0)
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * 4096  # pages of 4 KiB (Linux, where glibc is)
+    except OSError:
+        return 0
+
+
 def _check_io(session: ort.InferenceSession, manifest: Manifest, name: str) -> None:
     """The graph's inputs and outputs must be the ones the manifest names; a mismatch means a broken export."""
     spec = manifest.graphs[name]
@@ -81,6 +108,7 @@ class Sessions:
     provider: str
     threads: int | None
     load_seconds: float = 0.0
+    trimmed_bytes: int = 0  # heap memory handed back to the system after loading (release_freed_memory)
 
     @property
     def device_type(self) -> str:
@@ -91,7 +119,7 @@ class Sessions:
         providers = resolve_provider(provider)
         opts = session_options(threads)
         start = time.perf_counter()
-        sessions = {}
+        sessions, trimmed = {}, 0
         for name in ("vision", "embedding", "decoder"):
             path = manifest.path(manifest.graphs[name].file)
             try:
@@ -100,9 +128,12 @@ class Sessions:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ManifestError(f"{path}: onnxruntime cannot load this graph ({first})") from None
             _check_io(sessions[name], manifest, name)
+            trimmed += release_freed_memory()  # before the next graph loads: lowers the peak of loading too
         seconds = time.perf_counter() - start
-        logger.info("loaded 3 graphs from %s in %.2f s (%s, threads=%s)", manifest.folder, seconds, provider, threads)
-        return cls(**sessions, manifest=manifest, provider=provider, threads=threads, load_seconds=seconds)
+        logger.info("loaded 3 graphs from %s in %.2f s (%s, threads=%s); %.0f MiB of load buffers released",
+                    manifest.folder, seconds, provider, threads, trimmed / 2**20)  # fmt: skip
+        return cls(**sessions, manifest=manifest, provider=provider, threads=threads, load_seconds=seconds,
+                   trimmed_bytes=trimmed)  # fmt: skip
 
     def warm_up(self) -> float:
         """Run each graph once on the smallest inputs (batch 1, 2 tokens); returns the seconds it took."""

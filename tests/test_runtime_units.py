@@ -6,6 +6,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,5 +284,46 @@ def test_int4_is_suggested_when_only_smaller_weights_would_fit(tmp_path):
         plan.check()
     manifest["quantization"] = {"precision": "int4", "decoder": {"bits": 4}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    int4 = plan_memory(read_manifest(folder), budget="512MB")  # an int4 decoder is repacked at load: 0.4 x its bytes
+    assert plan.prepacked == 0 and int4.prepacked == int(0.4 * (400 << 20))
+    assert int4.peak == int4.runtime + int4.weights + int4.prepacked + max(int4.load_transient, int4.run)
     with pytest.raises(BudgetError, match="nothing smaller fits, raise --memory-budget"):
         plan_memory(read_manifest(folder), budget="512MB").check()
+
+
+# ---------------------------------------------------------------- memory handed back after loading
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS is read from /proc (Linux)")
+def test_release_freed_memory_gives_freed_heap_pages_back():
+    """64 MiB of small blocks freed below a live one stay resident (glibc does not trim the middle of its heap by
+    itself) until release_freed_memory, which reports what went."""
+    from runtime.session import release_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    script = (
+        "import ctypes, ctypes.util\n"
+        "from runtime.session import release_freed_memory\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "blocks = [libc.malloc(4096) for _ in range(16384)]\n"
+        "for b in blocks: ctypes.memset(b, 1, 4096)\n"
+        "keep = libc.malloc(4096)\n"
+        "for b in blocks: libc.free(ctypes.c_void_p(b))\n"
+        "print(release_freed_memory(), release_freed_memory())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    first, second = map(int, out.stdout.split())
+    assert first > 48 << 20 and second < 4 << 20  # most of the 64 MiB went back at once; nothing left the second time
+    assert release_freed_memory() >= 0
+
+
+def test_each_graph_load_is_followed_by_a_trim(tiny_export_dir, monkeypatch):
+    from runtime import session
+
+    calls = []
+    monkeypatch.setattr(session, "release_freed_memory", lambda: calls.append(1) or 1000)
+    sessions = session.Sessions.create(read_manifest(tiny_export_dir), threads=1)
+    assert len(calls) == 3 and sessions.trimmed_bytes == 3000
