@@ -19,7 +19,6 @@ alternates them three times). Exit status 2 with one line on stderr on bad input
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from benchmarks.report import write_report
 from benchmarks.runners.torch_ref import torch_source
 from benchmarks.sweep import Target, int_list, sweep
-from benchmarks.workload import Workload, WorkloadError, prompt_ids, text_only
+from benchmarks.workload import Workload, WorkloadError, prompt_ids, read_export_manifest, text_only
 
 BASELINES = ("torch", "ort-genai", "ort-genai-builder", "llama-cpp")
 PEERS_ONLY = "runs on stock Phi-2 weights only (neither keeps TinyGPT-V's q/k LayerNorm): python -m benchmarks.peers"
@@ -60,13 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reps < 1 or args.warmup < 0 or args.new_tokens < 1 or args.passes < 1:
         p.error("--reps, --new-tokens and --passes must be >= 1 and --warmup >= 0")
     return args
-
-
-def read_export(folder: str) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise WorkloadError(f"{folder}: not an export folder (no manifest.json); make one with python -m export.onnx")
-    return json.loads(path.read_text())
 
 
 def build_targets(args: argparse.Namespace, manifests: dict[str, dict]) -> list[Target]:
@@ -102,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        manifests = {folder: read_export(folder) for folder in args.model}
+        manifests = {folder: read_export_manifest(folder) for folder in args.model}
         work = Workload.load()
         if not 0 <= args.request < len(work.requests):
             raise WorkloadError(f"--request {args.request}: there are {len(work.requests)} committed requests")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.report import write_report
 from benchmarks.sweep import Target, sweep
-from benchmarks.workload import Workload, WorkloadError, prompt_ids, text_only
+from benchmarks.workload import Workload, WorkloadError, prompt_ids, read_export_manifest, text_only
 from runtime.budget import format_bytes, parse_bytes
 from runtime.errors import RuntimeInputError
 
@@ -58,13 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except RuntimeInputError as err:
         p.error(str(err))
     return args
-
-
-def read_manifest_json(folder: str) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise WorkloadError(f"{folder}: not an export folder (no manifest.json); make one with python -m export.onnx")
-    return json.loads(path.read_text())
 
 
 def fill_ids(folder: str, manifest: dict, question: str, prompt_tokens: int, filler: str) -> tuple[list, list]:
@@ -160,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prompt_tokens = args.context - args.new_tokens
     try:
-        manifests = {folder: read_manifest_json(folder) for folder in args.model}
+        manifests = {folder: read_export_manifest(folder) for folder in args.model}
         work = Workload.load()
         if not 0 <= args.request < len(work.requests):
             raise WorkloadError(f"--request {args.request}: there are {len(work.requests)} committed requests")

@@ -27,6 +27,14 @@ class WorkloadError(ValueError):
     pass
 
 
+def read_export_manifest(folder: str) -> dict:
+    """The manifest.json of an export folder, or WorkloadError saying how to make one."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise WorkloadError(f"{folder}: not an export folder (no manifest.json); make one with python -m export.onnx")
+    return json.loads(path.read_text())
+
+
 @dataclass(frozen=True)
 class Request:
     image: Path
