@@ -1,16 +1,24 @@
 """GPTQ on the PyTorch decoder, calibrated on multimodal inputs_embeds, and the standard packed format it is stored in.
 
-    result = quantize_decoder(model.language_model, sequences, bits=4, group_size=32, sym=True)
+    result = quantize_decoder(model.language_model, sequences, bits=4, group_size=32)   # sym=False, mse=True
     result["model.layers.0.self_attn.q_proj"]   # QuantizedLinear(codes [out, in], scales/zeros [groups, out], bias)
     tensors = pack_gptq(q)                       # {"qweight", "qzeros", "scales", "g_idx"}: AutoGPTQ/gptqmodel "gptq" format
     weight = unpack_gptq(tensors, ...)           # [out, in] float32, exactly scales * (codes - zeros)
 
 The algorithm is GPTQ (Frantar et al. 2022) as AutoGPTQ / gptqmodel run it: blocks one after another, each block's
 Linear layers quantized from the Hessian H = 2 X X^T of their inputs (X measured with the blocks before already
-quantized), columns in order (no act-order), lazy batches of 128 columns, 1 % dampening, groups of `group_size` input
-channels sharing one scale and zero point. Scales are rounded to fp16 while solving, because that is how they are
-stored, so the error compensation sees the weights that will really be used. lm_head is quantized too
-(`lm_head: true`), as the ONNX int4 decoder quantizes it.
+quantized), lazy batches of 128 columns, `damp` (1 %) dampening, groups of `group_size` input channels sharing one
+scale and zero point. Scales are rounded to fp16 while solving, because that is how they are stored, so the error
+compensation sees the weights that will really be used. lm_head is quantized too (`lm_head: true`), as the ONNX int4
+decoder quantizes it.
+Options, each measured on the demo model (notes/gptq.md; the defaults are the closest to fp32 there):
+  - sym: one scale per group and zero point 8 (no zero points stored), or asymmetric (default) with its own zero
+    point per group, as onnxruntime's RTN; asymmetric halves GPTQ's distance to fp32 (answer-token KL);
+  - mse: the group's scale/zero from a shrink search of the min-max range (the reference Quantizer's mse=True;
+    default on) instead of min-max itself;
+  - act_order: columns in order of decreasing Hessian diagonal, with static groups so that g_idx stays i // group_size
+    (default off: it lowered the layers' output error but not the model's distance to fp32);
+  - damp: 0.01 (default) or more; 0.1 was further from fp32.
 The block inputs are the calibration sequences' inputs_embeds — image vectors in place — which is why this exists
 rather than gptqmodel, whose calibration feeds token ids only (see the note in export/gptq.py).
 """
@@ -28,7 +36,11 @@ from torch import nn
 from core.phi import PhiDecoder, causal_mask
 
 logger = logging.getLogger(__name__)
-FRESH_GROUPS = False
+
+SYM = False  # the defaults, measured on the demo model (see the module docstring and notes/gptq.md)
+MSE = True
+ACT_ORDER = False
+DAMP = 0.01
 
 
 @dataclass
@@ -94,11 +106,11 @@ def gptq_linear(
     H: torch.Tensor,
     bits: int,
     group_size: int,
-    sym: bool,
-    damp: float = 0.01,
+    sym: bool = SYM,
+    damp: float = DAMP,
     blocksize: int = 128,
-    mse: bool = False,
-    act_order: bool = False,
+    mse: bool = MSE,
+    act_order: bool = ACT_ORDER,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [out, in], H [in, in] -> codes [out, in], scales [groups, out], zeros [groups, out].
 
@@ -140,8 +152,7 @@ def gptq_linear(
                 scale, zero = scales[col // group_size], zeros[col // group_size].float()
             elif col % group_size == 0:
                 # AutoGPTQ reads the group from W, whose in-block columns lag W1's updates; kept for fidelity
-                source = W1[:, i : i + group_size] if FRESH_GROUPS else W[:, col : col + group_size]
-                scale, zero = _find_params(source, bits, sym, mse)
+                scale, zero = _find_params(W[:, col : col + group_size], bits, sym, mse)
                 scales[col // group_size], zeros[col // group_size] = scale, zero.int()
             w = W1[:, i]  # [out]
             q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)  # [out]
@@ -166,7 +177,9 @@ class _HessianHook:
         self.H += x.T @ x
 
 
-def _quantize_linears(modules: dict[str, nn.Linear], run, bits, group_size, sym, **solver) -> dict[str, QuantizedLinear]:
+def _quantize_linears(
+    modules: dict[str, nn.Linear], run, bits, group_size, sym, **solver
+) -> dict[str, QuantizedLinear]:
     """Measure each module's input Hessian over `run()`, then quantize and write the dequantized weight back."""
     hooks = {name: _HessianHook(m.in_features) for name, m in modules.items()}
     handles = [m.register_forward_hook(hooks[name]) for name, m in modules.items()]
@@ -190,11 +203,11 @@ def _quantize_linears(modules: dict[str, nn.Linear], run, bits, group_size, sym,
 
 @torch.no_grad()
 def quantize_decoder(
-    decoder: PhiDecoder, embeds: list[torch.Tensor], bits: int = 4, group_size: int = 32, sym: bool = True,
-    **solver,
+    decoder: PhiDecoder, embeds: list[torch.Tensor], bits: int = 4, group_size: int = 32, sym: bool = SYM,
+    damp: float = DAMP, mse: bool = MSE, act_order: bool = ACT_ORDER,
 ) -> dict[str, QuantizedLinear]:  # fmt: skip
-    """GPTQ every Linear of `decoder` (in place: weights become their dequantized values). embeds: [1, T, D] each.
-    solver: gptq_linear's damp, mse, act_order."""
+    """GPTQ every Linear of `decoder` (in place: weights become their dequantized values). embeds: [1, T, D] each."""
+    solver = {"damp": damp, "mse": mse, "act_order": act_order}
     decoder.eval()
     states = [e.float() for e in embeds]  # block inputs, [1, T, D] each
     contexts = []
