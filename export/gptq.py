@@ -1,12 +1,15 @@
 """The decoder as a standard GPTQ checkpoint, calibrated on multimodal sequences; loading it back; packing it into ONNX.
 
     python -m export.gptq --model runs/demo/final --out exports/demo-gptq --calib-data runs/demo/calib/requests.jsonl \
-        [--group-size 32] [--calib-samples 32] [--asym]
+        [--group-size 32] [--calib-samples 32] [--sym] [--no-mse] [--act-order] [--damp 0.01]
     python -m export.onnx --model runs/demo/final --out exports/demo-int4 --precision int4 --gptq-checkpoint exports/demo-gptq
 
 The folder (written atomically; an existing --out is refused without --force):
   config.json            Hugging Face Phi config of the decoder + `quantization_config` (transformers' GPTQ entry)
-  quantize_config.json   bits, group_size, sym, desc_act false, lm_head true, checkpoint_format "gptq" (v1 zero points)
+  quantize_config.json   bits, group_size, sym, desc_act false, lm_head true, checkpoint_format "gptq" (v1 zero points);
+                         with --act-order, static_groups true and meta.act_order true: the columns were solved in
+                         act-order but every group's scale/zero was fixed beforehand, so g_idx is i // group_size and
+                         the layout is the desc_act-false one every loader (and MatMulNBits) reads
   model.safetensors      the decoder with HF Phi-2 names; each Linear as qweight / qzeros / scales / g_idx / bias
   vision.safetensors, tinygptv_config.json, tokenizer.json   the rest of TinyGPT-V, so the folder loads on its own
 `load_gptq_model(dir)` gives the TinyGPTV with every quantized Linear at its exact dequantized value (CPU, or CUDA with
@@ -39,7 +42,7 @@ from core.model import TinyGPTV
 from core.tokenizer import TOKENIZER_FILE
 from core.weights import WEIGHTS_FILE, load_safetensors, load_strict, phi_config_dict, save_safetensors
 from export.folder import CliParser, ExportError, refuse_existing, staging_folder
-from export.gptq_solver import QuantizedLinear, pack_gptq, quantize_decoder, unpack_gptq
+from export.gptq_solver import ACT_ORDER, DAMP, MSE, SYM, QuantizedLinear, pack_gptq, quantize_decoder, unpack_gptq
 
 logger = logging.getLogger("export.gptq")
 
@@ -49,10 +52,16 @@ VISION_WEIGHTS = "vision.safetensors"
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def quantize_config(bits: int, group_size: int, sym: bool, damp: float, calibration: dict) -> dict[str, Any]:
+def quantize_config(
+    bits: int, group_size: int, sym: bool, damp: float, calibration: dict, mse: bool = MSE, act_order: bool = ACT_ORDER
+) -> dict[str, Any]:
+    """quantize_config.json. desc_act stays false even after act-order: with static groups the stored layout (g_idx
+    i // group_size) is the in-order one, and desc_act true would send loaders to their g_idx-reordering kernels."""
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "group_size": group_size, "sym": sym,
-            "desc_act": False, "static_groups": False, "true_sequential": False, "lm_head": True, "damp_percent": damp,
-            "meta": {"quantizer": ["tinygptv-edge export.gptq"], "calibration": calibration}}  # fmt: skip
+            "desc_act": False, "static_groups": act_order, "true_sequential": False, "lm_head": True,
+            "damp_percent": damp, "mse": 2.4 if mse else 0.0,
+            "meta": {"quantizer": ["tinygptv-edge export.gptq"], "calibration": calibration, "act_order": act_order,
+                     "mse_search": mse}}  # fmt: skip
 
 
 def write_gptq_folder(folder: Path, model: TinyGPTV, quantized: dict[str, QuantizedLinear], qcfg: dict) -> None:
@@ -108,11 +117,12 @@ def load_gptq_model(folder: str | Path, device: str = "cpu") -> TinyGPTV:
 
 
 def gptq_export(
-    model: TinyGPTV, tokenizer, out: str | Path, bits: int = 4, group_size: int = 32, sym: bool = True,
+    model: TinyGPTV, tokenizer, out: str | Path, bits: int = 4, group_size: int = 32, sym: bool = SYM,
     calib_data: str | Path | None = None, calib_samples: int = 32, force: bool = False,
-    tokenizer_file: Path | None = None,
+    tokenizer_file: Path | None = None, damp: float = DAMP, mse: bool = MSE, act_order: bool = ACT_ORDER,
 ) -> dict[str, Any]:  # fmt: skip
-    """Quantize a copy of `model`'s decoder with GPTQ on the multimodal sequences of `calib_data` and write `out`."""
+    """Quantize a copy of `model`'s decoder with GPTQ on the multimodal sequences of `calib_data` and write `out`.
+    sym, damp, mse, act_order: export.gptq_solver's options (its defaults are the measured best)."""
     from export.calibration import describe, multimodal_sequences
 
     refuse_existing(out, force)
@@ -121,8 +131,9 @@ def gptq_export(
     work = TinyGPTV(model.config)
     work.load_state_dict(model.state_dict())
     quantized = quantize_decoder(work.language_model, [torch.from_numpy(s.inputs_embeds) for s in sequences],
-                                 bits=bits, group_size=group_size, sym=sym)  # fmt: skip
-    qcfg = quantize_config(bits, group_size, sym, 0.01, describe(sequences, calib_data))
+                                 bits=bits, group_size=group_size, sym=sym, damp=damp, mse=mse,
+                                 act_order=act_order)  # fmt: skip
+    qcfg = quantize_config(bits, group_size, sym, damp, describe(sequences, calib_data), mse, act_order)
     qcfg["meta"]["seconds"] = round(time.monotonic() - start, 1)
     with staging_folder(out, force) as tmp:
         write_gptq_folder(tmp, work, quantized, qcfg)
@@ -201,7 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))
     parser.add_argument("--calib-data", required=True, help="calibration examples: image + prompt + answer, JSON lines")
     parser.add_argument("--calib-samples", type=int, default=32, help="multimodal calibration sequences (first N)")
-    parser.add_argument("--asym", action="store_true", help="asymmetric (own zero point per group); default symmetric")
+    parser.add_argument(
+        "--sym",
+        action="store_true",
+        help="symmetric: zero point 8, none stored (default asymmetric: own zero point per group)",
+    )
+    parser.add_argument(
+        "--no-mse",
+        dest="mse",
+        action="store_false",
+        help="group scale/zero from min-max (default: the MSE shrink search of the min-max range)",
+    )
+    parser.add_argument(
+        "--act-order",
+        action="store_true",
+        help="solve columns by decreasing Hessian diagonal, static groups (g_idx stays i // group)",
+    )
+    parser.add_argument("--damp", type=float, default=DAMP, help="dampening, a fraction of the mean Hessian diagonal")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -211,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         refuse_existing(args.out, args.force)
         model, model_dir = load_model(args.model)
         tokenizer = load_tokenizer(model, model_dir, None)
-        qcfg = gptq_export(model, tokenizer, args.out, args.bits, args.group_size, not args.asym, args.calib_data,
-                           args.calib_samples, args.force, model_dir / TOKENIZER_FILE)  # fmt: skip
+        qcfg = gptq_export(model, tokenizer, args.out, args.bits, args.group_size, args.sym, args.calib_data,
+                           args.calib_samples, args.force, model_dir / TOKENIZER_FILE, damp=args.damp, mse=args.mse,
+                           act_order=args.act_order)  # fmt: skip
     except (ExportError, ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: GPTQ {qcfg['bits']}-bit, group {qcfg['group_size']}, "
+    print(f"wrote {args.out}: GPTQ {qcfg['bits']}-bit, group {qcfg['group_size']}, {'sym' if args.sym else 'asym'}, "
+          f"{'mse' if args.mse else 'min-max'} scales{', act-order' if args.act_order else ''}, damp {args.damp}, "
           f"{qcfg['meta']['calibration']['sequences']} multimodal sequences, {qcfg['meta']['seconds']} s")  # fmt: skip
     return 0
 

@@ -8,7 +8,8 @@
               apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
 --quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq
               | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
---symmetric   with --quant rtn: a scale per block and no zero points (onnxruntime-genai's default; faster MatMulNBits).
+--symmetric   with --quant rtn or gptq: a scale per block and no zero points (onnxruntime-genai's default; faster
+              MatMulNBits, a little less exact). Default asymmetric: a zero point per block.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
 --calib-data  GPTQ's calibration examples, --eval-data the held-out examples of the manifest's quality row: JSON lines
@@ -66,7 +67,7 @@ class ExportOptions:
     precision: str = "fp32"
     quant: str = "gptq"
     block_size: int = 32
-    symmetric: bool = False  # rtn only: no zero points (faster kernels, a little less exact)
+    symmetric: bool = False  # rtn and gptq: no zero points (faster kernels, a little less exact)
     calib_data: str | None = None  # image + prompt + answer examples for GPTQ (export.calibration)
     calib_samples: int = 32
     vision_precision: str | None = None  # None: fp32 for int4, else the same as `precision`
@@ -169,8 +170,8 @@ def export_folder(
         raise ExportError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if options.quant not in QUANT_METHODS or options.block_size not in BLOCK_SIZES:
         raise ExportError(f"--quant must be one of {QUANT_METHODS} and --block-size one of {BLOCK_SIZES}")
-    if options.symmetric and (options.precision, options.quant) != ("int4", "rtn"):
-        raise ExportError("--symmetric applies to --precision int4 --quant rtn (GPTQ is symmetric already)")
+    if options.symmetric and (options.precision not in ("int4",) or options.quant not in ("rtn", "gptq")):
+        raise ExportError("--symmetric applies to --precision int4 --quant rtn or gptq")
     if options.gptq_checkpoint and options.precision != "int4":
         raise ExportError(f"--gptq-checkpoint gives int4 weights; pass --precision int4 (not {options.precision})")
     refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
@@ -264,7 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
     quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
-    quant.add_argument("--symmetric", action="store_true", help="rtn: no zero points (onnxruntime-genai's default)")
+    quant.add_argument(
+        "--symmetric", action="store_true", help="rtn, gptq: no zero points (onnxruntime-genai's default)"
+    )
     quant.add_argument("--calib-data", help="GPTQ calibration examples: image + prompt + answer, JSON lines")
     quant.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration sequences (the file's first N)")
     quant.add_argument("--gptq-checkpoint", help="int4 from this python -m export.gptq folder (same integers)")

@@ -3,7 +3,8 @@
     row = measure_folder(folder, model, tokenizer, "runs/demo/eval/requests.jsonl", n=64)   # manifest["quality"]
     python -m export.quality --model runs/demo/final --out exports/demo-quality \
         --calib-data runs/demo/calib/requests.jsonl --eval-data runs/demo/eval/requests.jsonl [--samples 64] [--force]
-        exports fp32, fp16, int8, int4-rtn, int4-hqq, int4-gptq (export.gptq's integers) and int4-gptq-ort
+        exports fp32, fp16, int8, int4-rtn, int4-hqq, int4-gptq (export.gptq's integers; int4-gptq-sym without zero
+        points) and int4-gptq-ort
         (onnxruntime's GPTQ), and int4-gptq with an fp16 or int8 vision graph (what the vision precision costs) side by
         side (fp32 graphs traced once) and writes quality.md + quality.json.
 
@@ -185,6 +186,7 @@ VARIANTS = {  # name -> export.onnx options
     "int4-rtn": {"precision": "int4", "quant": "rtn"},
     "int4-hqq": {"precision": "int4", "quant": "hqq"},
     "int4-gptq": {"precision": "int4", "quant": "gptq"},
+    "int4-gptq-sym": {"precision": "int4", "quant": "gptq", "symmetric": True},
     "int4-gptq-ort": {"precision": "int4", "quant": "gptq-ort"},
     "int4-gptq+vision-fp16": {"precision": "int4", "quant": "gptq", "vision_precision": "fp16"},
     "int4-gptq+vision-int8": {"precision": "int4", "quant": "gptq", "vision_precision": "int8"},

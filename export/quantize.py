@@ -8,7 +8,8 @@ blocks of `block_size` input channels, each block with its own scale and zero po
   - rtn   round to nearest per block (DefaultWeightOnlyQuantConfig, onnxruntime's C++ blockwise quantizer);
   - hqq   half-quadratic quantization: scales and zero points fitted to the weight without data;
   - gptq  export.gptq's GPTQ (block after block on the PyTorch decoder, Hessians of each Linear's input measured on
-          image + prompt + answer inputs_embeds, symmetric, fp16 scales), its integers packed into MatMulNBits as they
+          image + prompt + answer inputs_embeds; asymmetric, or symmetric with --symmetric; MSE-searched fp16
+          scales: export.gptq_solver's measured defaults), its integers packed into MatMulNBits as they
           are: the same weights as the standard checkpoint `python -m export.gptq` writes (`--gptq-checkpoint` packs
           a kept one);
   - gptq-ort  onnxruntime's GPTQ with a CalibrationDataReader of the same multimodal sequences. It takes every
@@ -234,7 +235,7 @@ def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, o
         from export.gptq import gptq_export, pack_checkpoint_into
 
         with tempfile.TemporaryDirectory(prefix="gptq-", dir=path.parent.parent) as tmp:
-            gptq_export(model, tokenizer, Path(tmp) / "ckpt", group_size=options.block_size,
+            gptq_export(model, tokenizer, Path(tmp) / "ckpt", group_size=options.block_size, sym=options.symmetric,
                         calib_data=options.calib_data, calib_samples=options.calib_samples)  # fmt: skip
             info.update(pack_checkpoint_into(path, Path(tmp) / "ckpt", INT4_ACCURACY_LEVEL))
         info["source"] = "export.gptq (sequential GPTQ, not kept; python -m export.gptq writes it)"
