@@ -57,7 +57,11 @@ def _schema() -> OpSchema:
     attr = OpSchema.AttrType.INT
     attributes = [OpSchema.Attribute(n, attr, "") for n in ("num_heads", "kv_num_heads", "do_rotary",
                                                              "rotary_interleaved")]  # fmt: skip
-    types = [("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")]
+    types = [
+        ("T", ["tensor(float)", "tensor(float16)"], ""),
+        ("M", ["tensor(int32)"], ""),
+        ("P", ["tensor(int64)"], ""),
+    ]
     return OpSchema("GroupQueryAttention", "com.microsoft", 1, inputs=inputs, outputs=outputs,
                     type_constraints=types, attributes=attributes)  # fmt: skip
 
@@ -157,7 +161,9 @@ class GQADecoderGraph(nn.Module):
         present = []
         for i, layer in enumerate(self.lm.model.layers):
             h = layer.input_layernorm(x)  # [B, T, D]
-            attn, kv = self._attention(layer.self_attn, h, cos, sin, seqlens_k, total, bias, *past_flat[2 * i : 2 * i + 2])
+            attn, kv = self._attention(
+                layer.self_attn, h, cos, sin, seqlens_k, total, bias, *past_flat[2 * i : 2 * i + 2]
+            )
             if hasattr(layer, "post_layernorm"):
                 attn = layer.post_layernorm(attn)
             x = attn + layer.mlp(h) + x  # Phi's parallel block (dropout is off in eval)

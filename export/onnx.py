@@ -8,6 +8,9 @@
               apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
 --quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq
               | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
+--attention   plain (default) | gqa. gqa: each layer's attention is onnxruntime's GroupQueryAttention, past and present
+              KV one buffer per layer that the runtime binds to both (nothing concatenated or copied per step), rotary
+              inside GQA where its kernel takes the shape (Phi-2: yes). See export/gqa.py. fp32 and int4 only.
 --symmetric   with --quant rtn: a scale per block and no zero points (onnxruntime-genai's default; faster MatMulNBits).
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
@@ -48,9 +51,10 @@ from core.weights import WEIGHTS_FILE, WeightsError
 from export.calibration import check_data
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
-from export.graphs import GRAPH_FILES, OPSET, export_graph
+from export.gqa import ATTENTIONS
+from export.graphs import GRAPH_FILES, OPSET, PAST_KEY, export_graph
 from export.last_logits import set_logits_positions
-from export.manifest import build_manifest, sha256_file, write_manifest
+from export.manifest import GQA_KV_AXIS, build_manifest, graph_signature, sha256_file, write_manifest
 from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
 from export.validate import smoke_validate, validate_folder
 
@@ -76,6 +80,7 @@ class ExportOptions:
     validate: bool = True
     seed: int = 0
     image_size: int | None = None  # with --random-init: the vision graph's input size (None: the preset's)
+    attention: str = "plain"  # "gqa": the decoder with GroupQueryAttention and a shared KV buffer (export.gqa)
 
     def vision(self) -> str:
         if self.vision_precision:
@@ -171,6 +176,13 @@ def export_folder(
         raise ExportError(f"--quant must be one of {QUANT_METHODS} and --block-size one of {BLOCK_SIZES}")
     if options.symmetric and (options.precision, options.quant) != ("int4", "rtn"):
         raise ExportError("--symmetric applies to --precision int4 --quant rtn (GPTQ is symmetric already)")
+    if options.attention not in ATTENTIONS:
+        raise ExportError(f"--attention {options.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+    if options.attention == "gqa" and (options.precision not in ("fp32", "int4") or options.quant == "gptq-ort"):
+        raise ExportError(
+            "--attention gqa is for --precision fp32 or int4 (rtn, hqq, gptq): the fp16/int8 converters and gptq-ort's "
+            "calibration feeds are not made for its shared KV buffer yet; use --attention plain"
+        )
     if options.gptq_checkpoint and options.precision != "int4":
         raise ExportError(f"--gptq-checkpoint gives int4 weights; pass --precision int4 (not {options.precision})")
     refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
@@ -192,17 +204,22 @@ def export_folder(
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
             if graphs_from and (Path(graphs_from) / file).is_file():
+                if name == "decoder" and decoder_attention(Path(graphs_from) / file) != options.attention:
+                    raise ExportError(
+                        f"--graphs-from {graphs_from}: its decoder's attention is "
+                        f"{decoder_attention(Path(graphs_from) / file)!r}, not --attention {options.attention!r}"
+                    )
                 logger.info("copying the fp32 %s graph from %s", name, graphs_from)
                 for part in Path(graphs_from).glob(file + "*"):
                     shutil.copy(part, tmp / part.name)
                 continue
             logger.info("exporting %s graph", name)
             with materialized(model, name, options.seed):
-                export_graph(model, name, tmp / file, seed=options.seed)
+                export_graph(model, name, tmp / file, seed=options.seed, attention=options.attention)
         set_logits_positions(tmp / GRAPH_FILES["decoder"], "all")  # calibration (gptq-ort) sees every position
         quantization = quantize_folder(tmp, model, tokenizer, options)
         set_logits_positions(tmp / GRAPH_FILES["decoder"], "last")  # prefill runs lm_head for the last position only
-        write_genai_config(tmp, model.config)
+        write_genai_config(tmp, model.config, options.attention)
         if tokenizer is not None:
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         elif is_lazy(model):
@@ -210,7 +227,7 @@ def export_folder(
         validation: dict[str, Any] = {"skipped": True}
         if options.validate and is_lazy(model):
             logger.info("checking signatures and running random inputs (random weights: no PyTorch comparison)")
-            validation = smoke_validate(tmp, model, options.seed)
+            validation = smoke_validate(tmp, model, options.seed, options.attention)
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
         elif options.validate:
@@ -220,7 +237,8 @@ def export_folder(
                 from export.gptq import load_gptq_model
 
                 reference, precision = load_gptq_model(options.gptq_checkpoint), "int4-gptq-checkpoint"
-            validation = validate_folder(tmp, reference, tokenizer, precision=precision, seed=options.seed)
+            validation = validate_folder(tmp, reference, tokenizer, precision=precision, seed=options.seed,
+                                         attention=options.attention)  # fmt: skip
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
         quality = None
@@ -244,6 +262,13 @@ def export_folder(
     return manifest
 
 
+def decoder_attention(path: Path) -> str:
+    """ "gqa" or "plain": which decoder a graph file holds (the name of its KV buffers' axis, as the manifest reads it)."""
+    signature = graph_signature(path)
+    past = next(i["shape"] for i in signature["inputs"] if i["name"] == PAST_KEY % 0)
+    return "gqa" if past[2] == GQA_KV_AXIS else "plain"
+
+
 def folder_size_of_graph(folder: Path, file: str) -> int:
     """A graph's bytes including its external data file, if any."""
     return sum(p.stat().st_size for p in folder.glob(file + "*") if p.is_file())
@@ -262,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     quant = parser.add_argument_group("precision")
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    quant.add_argument("--attention", default="plain", choices=ATTENTIONS,
+                       help="decoder attention: plain, or gqa (GroupQueryAttention, shared KV buffer)")  # fmt: skip
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
     quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
     quant.add_argument("--symmetric", action="store_true", help="rtn: no zero points (onnxruntime-genai's default)")
@@ -289,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                             symmetric=args.symmetric, calib_data=args.calib_data, calib_samples=args.calib_samples,
                             vision_precision=args.vision_precision, gptq_checkpoint=args.gptq_checkpoint,
                             eval_data=args.eval_data, quality_samples=args.quality_samples,
-                            validate=not args.no_validate, seed=args.seed, image_size=args.image_size)  # fmt: skip
+                            validate=not args.no_validate, seed=args.seed, image_size=args.image_size,
+                            attention=args.attention)  # fmt: skip
     try:
         if args.graphs_from and not Path(args.graphs_from).is_dir():
             raise ExportError(f"--graphs-from {args.graphs_from}: no such folder")
