@@ -22,7 +22,7 @@
               manifest carries it; a model folder's own config.json sets it, so a stage-4 checkpoint exports at 448.
 --graphs-from DIR   copy the fp32 graphs found in DIR (an earlier export of the same model before quantization, e.g. the
               partial folder an export killed while quantizing leaves behind) instead of tracing them; graphs DIR lacks
-              are traced. The 448-px folder of a random-init model reuses the 224-px decoder and embedding this way.
+              are traced, and so is a decoder of the other --attention. The 448-px folder of a random-init model reuses the 224-px decoder and embedding this way.
 The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
 The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
 without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
@@ -203,12 +203,11 @@ def export_folder(
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
-            if graphs_from and (Path(graphs_from) / file).is_file():
-                if name == "decoder" and decoder_attention(Path(graphs_from) / file) != options.attention:
-                    raise ExportError(
-                        f"--graphs-from {graphs_from}: its decoder's attention is "
-                        f"{decoder_attention(Path(graphs_from) / file)!r}, not --attention {options.attention!r}"
-                    )
+            found = Path(graphs_from) / file if graphs_from else None
+            if found and found.is_file() and name == "decoder" and decoder_attention(found) != options.attention:
+                logger.info("%s holds a %s decoder; tracing a %s one", graphs_from, decoder_attention(found),
+                            options.attention)  # fmt: skip
+            elif found and found.is_file():
                 logger.info("copying the fp32 %s graph from %s", name, graphs_from)
                 for part in Path(graphs_from).glob(file + "*"):
                     shutil.copy(part, tmp / part.name)

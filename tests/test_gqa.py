@@ -8,7 +8,6 @@ ops run before GQA) and one with 2 heads of 32 and rotary factor 0.5 (16 rotary 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -27,13 +26,11 @@ ROPE_INSIDE = {"num_heads": 2, "partial_rotary_factor": 0.5}  # head size 32, 16
 
 @pytest.fixture(scope="module")
 def gqa_dir(tiny_model_dir, tiny_export_dir, tmp_path_factory):
-    """The tiny model exported with --attention gqa (vision and embedding graphs copied from the plain export)."""
-    tmp = tmp_path_factory.mktemp("gqa")
-    (tmp / "graphs").mkdir()
-    for name in ("vision.onnx", "embedding.onnx"):
-        shutil.copy(tiny_export_dir / name, tmp / "graphs" / name)
-    export_folder(tmp / "out", tiny_model_dir, ExportOptions(attention="gqa"), graphs_from=tmp / "graphs")
-    return tmp / "out"
+    """The tiny model exported with --attention gqa; --graphs-from the plain export: its vision and embedding graphs are
+    copied, its (plain) decoder is not."""
+    out = tmp_path_factory.mktemp("gqa") / "out"
+    export_folder(out, tiny_model_dir, ExportOptions(attention="gqa"), graphs_from=tiny_export_dir)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +80,10 @@ def test_gqa_export_validates_against_pytorch(which, rotary, request):
         ]
         assert all(s["argmax_equal"] for s in validation[case]["decoder_steps"])
         assert validation[case]["outputs"]["logits"]["max_abs_diff"] < 1e-4
+    if which == "gqa_dir":  # --graphs-from the plain export: vision copied, decoder traced anew
+        plain = json.loads((request.getfixturevalue("tiny_export_dir") / "manifest.json").read_text())["graphs"]
+        assert manifest["graphs"]["vision"]["sha256"] == plain["vision"]["sha256"]
+        assert manifest["graphs"]["decoder"]["sha256"] != plain["decoder"]["sha256"]
     nodes = gqa_nodes(folder)
     assert len(nodes) == 2  # one per layer, every layer
     assert all({a.name: a.i for a in n.attribute}["do_rotary"] == rotary for n in nodes)
@@ -175,6 +176,6 @@ def test_gqa_memory_plan_counts_one_kv_buffer(gqa_dir, tiny_export_dir):
 def test_gqa_refuses_what_it_does_not_support(tiny_model_dir, tiny_export_dir, tmp_path):
     with pytest.raises(ExportError, match="--attention gqa is for --precision fp32 or int4"):
         export_folder(tmp_path / "a", tiny_model_dir, ExportOptions(attention="gqa", precision="fp16"))
-    with pytest.raises(ExportError, match="its decoder's attention is 'plain', not --attention 'gqa'"):
-        export_folder(tmp_path / "b", tiny_model_dir, ExportOptions(attention="gqa"), graphs_from=tiny_export_dir)
+    with pytest.raises(ExportError, match="--attention 'flash': choose one of plain, gqa"):
+        export_folder(tmp_path / "b", tiny_model_dir, ExportOptions(attention="flash"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
