@@ -179,3 +179,16 @@ def test_gqa_refuses_what_it_does_not_support(tiny_model_dir, tiny_export_dir, t
     with pytest.raises(ExportError, match="--attention 'flash': choose one of plain, gqa"):
         export_folder(tmp_path / "b", tiny_model_dir, ExportOptions(attention="flash"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_gqa_decoder_also_runs_with_a_growing_past(gqa_dir, tiny_export_dir, tiny_model_dir):
+    """Unbound, GQA takes past [B, H, P, hs] and returns present [B, H, P+T, hs] as the plain decoder does, so tools
+    that feed a growing past (export.quality's teacher forcing) run a GQA folder unchanged: the plain folder's logits."""
+    from core.config import ModelConfig
+    from export.quality import FolderModel
+
+    cfg = ModelConfig.from_json(tiny_model_dir / "config.json")
+    embeds = np.random.default_rng(0).standard_normal((1, 9, cfg.language_model.hidden_size)).astype(np.float32)
+    plain, gqa = FolderModel(tiny_export_dir, cfg).logits(embeds), FolderModel(gqa_dir, cfg).logits(embeds)
+    assert gqa.shape == plain.shape == (1, 9, cfg.language_model.vocab_size)
+    np.testing.assert_allclose(gqa, plain, atol=1e-5)
