@@ -192,3 +192,24 @@ def test_gqa_decoder_also_runs_with_a_growing_past(gqa_dir, tiny_export_dir, tin
     plain, gqa = FolderModel(tiny_export_dir, cfg).logits(embeds), FolderModel(gqa_dir, cfg).logits(embeds)
     assert gqa.shape == plain.shape == (1, 9, cfg.language_model.vocab_size)
     np.testing.assert_allclose(gqa, plain, atol=1e-5)
+
+
+def test_gqa_int4_keeps_the_contract_and_runs_batched_as_alone(rope_model_dir, rope_gqa_dir, tmp_path):
+    """int4 RTN symmetric (as benchmarks.peers exports) of the rotary-inside GQA decoder: MatMulNBits fused, FastGelu,
+    the same inputs as fp32 (position_ids kept although rotary inside GQA does not read it), logits near PyTorch's, and
+    a left-padded batch gives each row its tokens alone."""
+    options = ExportOptions(attention="gqa", precision="int4", quant="rtn", symmetric=True)
+    manifest = export_folder(tmp_path / "int4", rope_model_dir, options, graphs_from=rope_gqa_dir)
+    fp32 = json.loads((rope_gqa_dir / "manifest.json").read_text())["graphs"]["decoder"]
+    assert manifest["graphs"]["decoder"]["inputs"] == fp32["inputs"] and manifest["decoder"]["attention"] == "gqa"
+    decoder = manifest["quantization"]["decoder"]
+    assert decoder["matmulnbits"] == 13 and decoder["fused_away"] == 6 and decoder["fast_gelu"] == 2
+    assert len(gqa_nodes(tmp_path / "int4")) == 2
+    logits = manifest["validation"]["random"]["outputs"]["logits"]
+    assert manifest["validation"]["passed"] and logits["max_abs_diff"] < 0.5 * logits["max_abs_ref"]
+    pipe = Pipeline.load(tmp_path / "int4", threads=1, batch_size=2)
+    imgs = images(2)
+    results = pipe.generate_batch([(imgs[0], QUESTIONS[0]), (imgs[1], QUESTIONS[1])], max_new_tokens=8)
+    assert [len(r.tokens) for r in results] == [8, 8]
+    assert [r.tokens for r in results] == [pipe.generate(im, q, max_new_tokens=8).tokens for im, q in
+                                           [(imgs[0], QUESTIONS[0]), (imgs[1], QUESTIONS[1])]]  # fmt: skip
