@@ -105,7 +105,11 @@ def runner(session, feeds: dict[str, np.ndarray]):
             binding.bind_output(out.name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
         else:
             binding.bind_output(out.name, "cpu")
-    return lambda: session.run_with_iobinding(binding)
+
+    def run(kept=feeds):  # `kept`: the bound arrays live as long as this function
+        session.run_with_iobinding(binding)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
