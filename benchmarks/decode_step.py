@@ -92,10 +92,10 @@ def op_profile(trace_file: str, steps: int) -> dict[str, float]:
 
 
 def runner(session, feeds: dict[str, np.ndarray]):
-    """A function running one step: session.run, or for a shared-buffer graph a binding of each past and its present
-    to the same buffer (as runtime.kv_cache does)."""
+    """A function running one step and returning its logits: session.run, or for a shared-buffer graph a binding of
+    each past and its present to the same buffer (as runtime.kv_cache does)."""
     if not shared_buffer(session):
-        return lambda: session.run(None, feeds)
+        return lambda: session.run(None, feeds)[0]
     binding = session.io_binding()
     for name, value in feeds.items():
         binding.bind_input(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
@@ -108,6 +108,7 @@ def runner(session, feeds: dict[str, np.ndarray]):
 
     def run(kept=feeds):  # `kept`: the bound arrays live as long as this function
         session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]  # the logits, left where onnxruntime put them
 
     return run
 

@@ -213,3 +213,21 @@ def test_gqa_int4_keeps_the_contract_and_runs_batched_as_alone(rope_model_dir, r
     assert [len(r.tokens) for r in results] == [8, 8]
     assert [r.tokens for r in results] == [pipe.generate(im, q, max_new_tokens=8).tokens for im, q in
                                            [(imgs[0], QUESTIONS[0]), (imgs[1], QUESTIONS[1])]]  # fmt: skip
+
+
+def test_decode_step_times_a_gqa_graph_on_a_shared_buffer(gqa_dir, tiny_export_dir):
+    """benchmarks.decode_step binds a GQA graph's past and present to one buffer: the step's logits are the plain
+    graph's for the same cache contents (and the bound arrays outlive the caller's feeds)."""
+    from benchmarks.decode_step import decoder_of, open_session, runner, shared_buffer, step_feeds
+
+    logits = []
+    for folder in (tiny_export_dir, gqa_dir):
+        graph, head_size = decoder_of(folder)
+        session = open_session(graph, 1, None)
+        run = runner(session, step_feeds(session, 20, head_size, slots=64 if shared_buffer(session) else 0))
+        run()  # a second run rewrites the same slot: the same logits
+        found = run()
+        logits.append(np.asarray(found if isinstance(found, np.ndarray) else found.numpy()))
+    assert [shared_buffer(open_session(decoder_of(f)[0], 1, None)) for f in (tiny_export_dir, gqa_dir)] == [False, True]
+    assert logits[0].shape == logits[1].shape == (1, 1, 128)
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
