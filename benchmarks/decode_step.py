@@ -9,6 +9,8 @@ lm_head precision) and the loop around it (binding, sampling, text). Each argume
 head size from manifest.json) or a genai folder (genai_config.json names the graph and the head size). Inputs are a
 batch of 1, `--tokens` new tokens (default 1: a decode step) after `--past` cached tokens; the graphs run in turn, `--reps` times each, and the medians are printed. With
 --profile, onnxruntime's profiler adds the time per operator type per step.
+A GQA decoder of ours (export --attention gqa: KV inputs of max_sequence_length slots) runs as the runtime runs it:
+each past and its present bound to one buffer of `--slots` slots (default 2,048, the runtime's usual context).
 """
 
 from __future__ import annotations
@@ -37,8 +39,16 @@ def decoder_of(folder: Path) -> tuple[Path, int]:
     raise FileNotFoundError(f"{folder}: neither manifest.json nor genai_config.json")
 
 
-def step_feeds(session, past: int, head_size: int, seed: int = 0, tokens: int = 1) -> dict[str, np.ndarray]:
-    """Inputs of one run over `tokens` new tokens after `past` cached ones, from the graph's own input list."""
+def shared_buffer(session) -> bool:
+    """Whether the graph's KV inputs are one buffer of max_sequence_length slots (our GQA export)."""
+    return any(i.name.startswith("past_") and i.shape[2] == "max_sequence_length" for i in session.get_inputs())
+
+
+def step_feeds(
+    session, past: int, head_size: int, seed: int = 0, tokens: int = 1, slots: int = 0
+) -> dict[str, np.ndarray]:
+    """Inputs of one run over `tokens` new tokens after `past` cached ones, from the graph's own input list; with
+    `slots`, KV buffers of that many slots (the first `past` filled) for a shared-buffer graph."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in session.get_inputs():
@@ -52,7 +62,8 @@ def step_feeds(session, past: int, head_size: int, seed: int = 0, tokens: int = 
         elif name == "position_ids":
             feeds[name] = np.arange(past, past + tokens, dtype=np.int64)[None]
         elif name.startswith("past_"):
-            feeds[name] = rng.standard_normal((1, spec.shape[1], past, head_size)).astype(np.float32)
+            feeds[name] = np.zeros((1, spec.shape[1], max(slots, past), head_size), dtype=np.float32)
+            feeds[name][:, :, :past] = rng.standard_normal((1, spec.shape[1], past, head_size))
         else:
             raise ValueError(f"{name}: an input this tool does not know how to fill")
     return feeds
@@ -80,6 +91,28 @@ def op_profile(trace_file: str, steps: int) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def runner(session, feeds: dict[str, np.ndarray]):
+    """A function running one step and returning its logits: session.run, or for a shared-buffer graph a binding of
+    each past and its present to the same buffer (as runtime.kv_cache does)."""
+    if not shared_buffer(session):
+        return lambda: session.run(None, feeds)[0]
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_input(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
+    for out in session.get_outputs():
+        if out.name.startswith("present"):
+            buffer = feeds[out.name.replace("present", "past_key_values", 1)]
+            binding.bind_output(out.name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        else:
+            binding.bind_output(out.name, "cpu")
+
+    def run(kept=feeds):  # `kept`: the bound arrays live as long as this function
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]  # the logits, left where onnxruntime put them
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", help="export folders and/or genai folders")
@@ -88,21 +121,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="per-operator-type time per step")
+    parser.add_argument("--slots", type=int, default=2048, help="KV buffer slots of a shared-buffer (GQA) graph")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for folder in args.folders:
             graph, head_size = decoder_of(Path(folder))
             session = open_session(graph, args.threads, tmp if args.profile else None)
-            feeds = step_feeds(session, args.past, head_size, tokens=args.tokens)
-            session.run(None, feeds)  # warm-up
-            runs.append((folder, session, feeds, []))
+            slots = max(args.slots, args.past + args.tokens) if shared_buffer(session) else 0
+            feeds = step_feeds(session, args.past, head_size, tokens=args.tokens, slots=slots)
+            run = runner(session, feeds)
+            run()  # warm-up
+            runs.append((folder, session, run, []))
         for _ in range(args.reps):  # alternate, so drift hits every graph alike
-            for _folder, session, feeds, times in runs:
+            for _folder, _session, run, times in runs:
                 start = time.perf_counter()
-                session.run(None, feeds)
+                run()
                 times.append((time.perf_counter() - start) * 1e3)
-        for folder, session, _feeds, times in runs:
+        for folder, session, _run, times in runs:
             stats = summarize(times)
             print(f"{folder}: {stats['median']:.2f} ms per run (p90 {stats['p90']:.2f}, min {stats['min']:.2f})")
             if args.profile:

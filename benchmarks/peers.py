@@ -15,7 +15,8 @@ Steps (each model is kept under --out/models and reused by later runs unless --r
 4. llama.cpp: convert_hf_to_gguf.py + llama-quantize Q4_0 (skipped with a note if llama.cpp is not built:
    `python -m benchmarks.runners.llama_cpp --build`);
 5. the sweep: ours (our runtime), ours through onnxruntime-genai, the builder's graph through onnxruntime-genai,
-   llama-bench, transformers bf16; text prompts of exactly --prompt-tokens synthetic ids, exactly --new-tokens.
+   llama-bench, transformers bf16 (and, named in --runtimes, ours-gqa / ours-gqa-genai: our export with
+   --attention gqa, GroupQueryAttention and a shared KV buffer); text prompts of exactly --prompt-tokens synthetic ids, exactly --new-tokens.
 Each build step runs in its own process, so its memory is returned before the next one.
 
 On a machine shared with other work, prefer --threads 1 for comparisons: with 2 threads on 2 oversubscribed cores,
@@ -42,6 +43,7 @@ logger = logging.getLogger("benchmarks.peers")
 
 EOS = 50256  # Phi-2's <|endoftext|>
 RUNTIMES = ("ours", "ours-genai", "builder", "llama-cpp", "transformers")
+GQA_RUNTIMES = ("ours-gqa", "ours-gqa-genai")  # the same, exported with --attention gqa (export.gqa); on request
 
 
 def stand_in_tokenizer(path: Path) -> None:
@@ -84,7 +86,7 @@ def make_stock_phi(path: Path, layers: int, seed: int = 0) -> Path:
     return path
 
 
-def export_ours(phi: Path, out: Path, precision: str, quant: str) -> None:
+def export_ours(phi: Path, out: Path, precision: str, quant: str, attention: str = "plain") -> None:
     """Our exporter on the stock weights: a TinyGPT-V with the demo's small vision part and Phi-2 as the LM."""
     from core.config import LanguageModelConfig, ModelConfig, PromptConfig
     from core.model import TinyGPTV
@@ -100,7 +102,7 @@ def export_ours(phi: Path, out: Path, precision: str, quant: str) -> None:
     model = TinyGPTV(cfg).eval()
     load_phi_folder(model.language_model, phi)
     symmetric = (precision, quant) == ("int4", "rtn")  # as the builder quantizes
-    options = ExportOptions(precision=precision, quant=quant, symmetric=symmetric)
+    options = ExportOptions(precision=precision, quant=quant, symmetric=symmetric, attention=attention)
     export_folder(out, options=options, tokenizer_dir=phi, model=model)
 
 
@@ -138,6 +140,7 @@ def prepare(models: Path, layers: int, precision: str, quant: str, wanted: set[s
     models.mkdir(parents=True, exist_ok=True)
     phi = models / f"phi2-l{layers}"
     paths = {"phi": phi, "ours": models / f"ours-{precision}-l{layers}",
+             "ours-gqa": models / f"ours-gqa-{precision}-l{layers}",
              "builder": models / f"builder-{precision}-l{layers}", "gguf": models / f"phi2-l{layers}-q4_0.gguf"}  # fmt: skip
     skips: dict[str, str] = {}
     if not (phi / "model.safetensors").is_file():
@@ -146,6 +149,7 @@ def prepare(models: Path, layers: int, precision: str, quant: str, wanted: set[s
         if why:
             raise RuntimeError(why)
     steps = [("ours", export_ours, (phi, paths["ours"], precision, quant), {"ours", "ours-genai"}),
+             ("ours-gqa", export_ours, (phi, paths["ours-gqa"], precision, quant, "gqa"), set(GQA_RUNTIMES)),
              ("builder", build_builder, (phi, paths["builder"], precision), {"builder"}),
              ("gguf", build_gguf, (phi, paths["gguf"]), {"llama-cpp"})]  # fmt: skip
     for name, fn, args, users in steps:
@@ -171,7 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="report folder; models are kept in OUT/models")
     p.add_argument("--layers", type=int, default=32, help="Phi-2 layers (32 = real size; 2-4 for a quick look)")
-    p.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES)}")
+    p.add_argument(
+        "--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES + GQA_RUNTIMES)}"
+    )
     p.add_argument("--precision", default="int4", choices=("int4", "fp32"), help="ours and the builder's")
     p.add_argument("--quant", default="rtn", choices=("rtn", "hqq", "gptq"), help="our int4 method")
     p.add_argument("--threads", type=int_list, default=[2])
@@ -185,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
     args.runtimes = [r for r in args.runtimes.split(",") if r]
-    unknown = [r for r in args.runtimes if r not in RUNTIMES]
+    unknown = [r for r in args.runtimes if r not in RUNTIMES + GQA_RUNTIMES]
     if unknown:
         p.error(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
     if args.layers < 1 or args.layers > 32:
@@ -208,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         "ours": Target("ours", str(paths["ours"]), f"ours {p}", p, context=2048, skip=skips.get("ours")),
         "ours-genai": Target("ort-genai", str(paths["ours"]), f"ours {p} via ort-genai", p, context=2048,
                              skip=skips.get("ours")),
+        "ours-gqa": Target("ours", str(paths["ours-gqa"]), f"ours gqa {p}", p, context=2048,
+                           skip=skips.get("ours-gqa")),
+        "ours-gqa-genai": Target("ort-genai", str(paths["ours-gqa"]), f"ours gqa {p} via ort-genai", p, context=2048,
+                                 skip=skips.get("ours-gqa")),
         "builder": Target("ort-genai", str(paths["builder"]), f"builder {p} via ort-genai", p, context=2048,
                           skip=skips.get("builder")),
         "llama-cpp": Target("llama-cpp", str(paths["gguf"]), "llama.cpp q4_0", "q4_0", context=2048,

@@ -13,8 +13,8 @@ the q/k LayerNorm). Its "decoder-pipeline" type chains graphs by tensor name, so
 (input_ids -> inputs_embeds) then decoder.onnx (inputs_embeds + mask + positions + KV -> logits + KV), unchanged.
 The embedding graph's second input, `image_features`, is not a tensor genai manages: callers pass it as an extra
 input with `generator.set_inputs` — a [B, 1, D] row of zeros for text prompts, or vision.onnx's [B, N, D] output with a
-prompt holding N image ids, which makes genai answer about the image too. Greedy search with separate past/present
-buffers (`past_present_share_buffer` false), since our graph concatenates the cache itself.
+prompt holding N image ids, which makes genai answer about the image too. Greedy search; `past_present_share_buffer` is
+false for the plain decoder, which concatenates the cache itself, and true for the GQA decoder (export.gqa).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from export.graphs import GRAPH_FILES, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESEN
 GENAI_CONFIG_FILE = "genai_config.json"
 
 
-def genai_config(cfg: ModelConfig) -> dict[str, Any]:
+def genai_config(cfg: ModelConfig, attention: str = "plain") -> dict[str, Any]:
+    """The config for a folder whose decoder has `attention` "plain" or "gqa" (export.gqa: past and present share one
+    buffer, which genai allocates at max_length and binds to both)."""
     lm = cfg.language_model
     decoder_inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(lm.num_layers, past=True)]
     decoder_outputs = ["logits", *kv_names(lm.num_layers, past=False)]
@@ -84,7 +86,7 @@ def genai_config(cfg: ModelConfig) -> dict[str, Any]:
             "num_return_sequences": 1,
             "max_length": lm.max_position_embeddings,
             "min_length": 0,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": attention == "gqa",
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -93,7 +95,7 @@ def genai_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def write_genai_config(folder: str | Path, cfg: ModelConfig) -> Path:
+def write_genai_config(folder: str | Path, cfg: ModelConfig, attention: str = "plain") -> Path:
     path = Path(folder) / GENAI_CONFIG_FILE
-    path.write_text(json.dumps(genai_config(cfg), indent=2) + "\n")
+    path.write_text(json.dumps(genai_config(cfg, attention), indent=2) + "\n")
     return path

@@ -29,6 +29,8 @@ from torch import nn
 from torch.export import Dim
 
 from core.model import TinyGPTV
+from export.gqa import TRANSLATIONS as GQA_TRANSLATIONS
+from export.gqa import GQADecoderGraph
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +61,13 @@ def kv_names(num_layers: int, past: bool) -> list[str]:
     return [name % i for i in range(num_layers) for name in (key, value)]
 
 
-def graph_specs(model: TinyGPTV) -> dict[str, GraphSpec]:
+def graph_specs(model: TinyGPTV, attention: str = "plain") -> dict[str, GraphSpec]:
+    """The graphs' I/O; `attention` "gqa" (export.gqa): KV in and out are one buffer of max_sequence_length slots."""
     layers = model.config.language_model.num_layers
-    kv_in = {n: {0: "batch_size", 2: "past_sequence_length"} for n in kv_names(layers, past=True)}
-    kv_out = {n: {0: "batch_size", 2: "total_sequence_length"} for n in kv_names(layers, past=False)}
+    past_axis, present_axis = ("max_sequence_length",) * 2 if attention == "gqa" else ("past_sequence_length",
+                                                                                      "total_sequence_length")  # fmt: skip
+    kv_in = {n: {0: "batch_size", 2: past_axis} for n in kv_names(layers, past=True)}
+    kv_out = {n: {0: "batch_size", 2: present_axis} for n in kv_names(layers, past=False)}
     return {
         "vision": GraphSpec(
             "vision",
@@ -129,8 +134,11 @@ class DecoderGraph(nn.Module):
         return (logits, *[t for kv in present for t in kv])
 
 
-def sample_inputs(model: TinyGPTV, name: str, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs: batch 2, sequence 3, past 5 (distinct sizes >= 2, see the module docstring)."""
+def sample_inputs(
+    model: TinyGPTV, name: str, generator: torch.Generator, attention: str = "plain"
+) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs: batch 2, sequence 3, past 5 (distinct sizes >= 2, see the module docstring); a GQA decoder's KV
+    buffers hold 16 slots."""
     cfg = model.config
     lm = cfg.language_model
     B, T, P = 2, 3, 5
@@ -144,7 +152,8 @@ def sample_inputs(model: TinyGPTV, name: str, generator: torch.Generator) -> tup
     embeds = torch.randn(B, T, lm.hidden_size, generator=generator)  # [B, T, D]
     mask = torch.ones(B, P + T, dtype=torch.long)  # [B, P+T]
     positions = torch.arange(P, P + T)[None].expand(B, -1).contiguous()  # [B, T]
-    past = [torch.randn(B, lm.num_heads, P, lm.head_size, generator=generator) for _ in range(2 * lm.num_layers)]
+    slots = 16 if attention == "gqa" else P
+    past = [torch.randn(B, lm.num_heads, slots, lm.head_size, generator=generator) for _ in range(2 * lm.num_layers)]
     return (embeds, mask, positions, *past)
 
 
@@ -251,12 +260,18 @@ def quiet_loggers(*names: str):
             lg.setLevel(level)
 
 
-def export_graph(model: TinyGPTV, name: str, path: str | Path, seed: int = 0) -> GraphSpec:
-    """Trace one boundary of `model` (eval mode, fp32) into `path`; external data beside it when over 2 GB."""
+def export_graph(model: TinyGPTV, name: str, path: str | Path, seed: int = 0, attention: str = "plain") -> GraphSpec:
+    """Trace one boundary of `model` (eval mode, fp32) into `path`; external data beside it when over 2 GB.
+
+    `attention` "gqa": the decoder with com.microsoft.GroupQueryAttention and a shared KV buffer (export.gqa).
+    """
     model = model.eval()
-    spec = graph_specs(model)[name]
-    wrapper = {"vision": VisionGraph, "embedding": EmbeddingGraph, "decoder": DecoderGraph}[name](model).eval()
-    args = sample_inputs(model, name, torch.Generator().manual_seed(seed))
+    spec = graph_specs(model, attention)[name]
+    gqa = name == "decoder" and attention == "gqa"
+    wrapper = GQADecoderGraph(model) if gqa else {"vision": VisionGraph, "embedding": EmbeddingGraph,
+                                                  "decoder": DecoderGraph}[name](model)  # fmt: skip
+    wrapper = wrapper.eval()
+    args = sample_inputs(model, name, torch.Generator().manual_seed(seed), attention)
     chatter = io.StringIO()  # torch.onnx prints its progress to stdout; keep it for the debug log
     with (
         warnings.catch_warnings(),
@@ -276,6 +291,7 @@ def export_graph(model: TinyGPTV, name: str, path: str | Path, seed: int = 0) ->
             dynamic_shapes=_dynamic_shapes(spec),
             optimize=True,
             verbose=False,
+            custom_translation_table=GQA_TRANSLATIONS if gqa else None,
         )
     logger.debug(chatter.getvalue())
     name_axes(program.model.graph, spec)

@@ -22,6 +22,8 @@ from core.config import ModelConfig
 from core.prompts import IMAGE_PLACEHOLDER, IMAGE_TEXT, TASK_TAGS
 from export.last_logits import last_position_only
 
+GQA_KV_AXIS = "max_sequence_length"  # export.graphs names the shared buffer's axis so
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -87,6 +89,7 @@ def build_manifest(
     graph_files = set(GRAPH_FILES.values())
     files = {f: sha256_file(folder / f) for f in folder_files(folder) if f not in graph_files}
     logits_shape = next(o["shape"] for o in graphs["decoder"]["outputs"] if o["name"] == "logits")
+    past_shape = next(i["shape"] for i in graphs["decoder"]["inputs"] if i["name"] == KV_TEMPLATES["past_key"] % 0)
     return {
         "schema_version": SCHEMA_VERSION,
         "format": FORMAT,
@@ -104,6 +107,9 @@ def build_manifest(
             "vocab_size": lm.vocab_size,
             # "last": logits [B, 1, V] (export.last_logits); "all": [B, T, V], as folders written before it
             "logits_positions": "last" if last_position_only(logits_shape) else "all",
+            # "gqa": GroupQueryAttention, past and present one buffer of max_sequence_length slots (export.gqa);
+            # "plain": past [B, H, P, hs] in, present [B, H, P+T, hs] out. Folders without the field are "plain".
+            "attention": "gqa" if past_shape[2] == GQA_KV_AXIS else "plain",
         },
         "image": cfg.image.to_dict(),
         "num_image_tokens": cfg.num_image_tokens,

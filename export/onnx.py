@@ -8,6 +8,9 @@
               apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
 --quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq
               | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
+--attention   plain (default) | gqa. gqa: each layer's attention is onnxruntime's GroupQueryAttention, past and present
+              KV one buffer per layer that the runtime binds to both (nothing concatenated or copied per step), rotary
+              inside GQA where its kernel takes the shape (Phi-2: yes). See export/gqa.py. fp32 and int4 only.
 --symmetric   with --quant rtn or gptq: a scale per block and no zero points (onnxruntime-genai's default; faster
               MatMulNBits, a little less exact). Default asymmetric: a zero point per block.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
@@ -20,7 +23,7 @@
               manifest carries it; a model folder's own config.json sets it, so a stage-4 checkpoint exports at 448.
 --graphs-from DIR   copy the fp32 graphs found in DIR (an earlier export of the same model before quantization, e.g. the
               partial folder an export killed while quantizing leaves behind) instead of tracing them; graphs DIR lacks
-              are traced. The 448-px folder of a random-init model reuses the 224-px decoder and embedding this way.
+              are traced, and so is a decoder of the other --attention. The 448-px folder of a random-init model reuses the 224-px decoder and embedding this way.
 The folder also gets genai_config.json (export/genai.py): onnxruntime-genai runs embedding + decoder from it.
 The folder is written under a temporary name and renamed only after validation passes; an existing --out is refused
 without --force. One CPU is enough; the real-size model needs about 3x its fp32 size in RAM while tracing.
@@ -49,9 +52,10 @@ from core.weights import WEIGHTS_FILE, WeightsError
 from export.calibration import check_data
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
-from export.graphs import GRAPH_FILES, OPSET, export_graph
+from export.gqa import ATTENTIONS
+from export.graphs import GRAPH_FILES, OPSET, PAST_KEY, export_graph
 from export.last_logits import set_logits_positions
-from export.manifest import build_manifest, sha256_file, write_manifest
+from export.manifest import GQA_KV_AXIS, build_manifest, graph_signature, sha256_file, write_manifest
 from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
 from export.validate import smoke_validate, validate_folder
 
@@ -77,6 +81,7 @@ class ExportOptions:
     validate: bool = True
     seed: int = 0
     image_size: int | None = None  # with --random-init: the vision graph's input size (None: the preset's)
+    attention: str = "plain"  # "gqa": the decoder with GroupQueryAttention and a shared KV buffer (export.gqa)
 
     def vision(self) -> str:
         if self.vision_precision:
@@ -172,6 +177,13 @@ def export_folder(
         raise ExportError(f"--quant must be one of {QUANT_METHODS} and --block-size one of {BLOCK_SIZES}")
     if options.symmetric and (options.precision not in ("int4",) or options.quant not in ("rtn", "gptq")):
         raise ExportError("--symmetric applies to --precision int4 --quant rtn or gptq")
+    if options.attention not in ATTENTIONS:
+        raise ExportError(f"--attention {options.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+    if options.attention == "gqa" and (options.precision not in ("fp32", "int4") or options.quant == "gptq-ort"):
+        raise ExportError(
+            "--attention gqa is for --precision fp32 or int4 (rtn, hqq, gptq): the fp16/int8 converters and gptq-ort's "
+            "calibration feeds are not made for its shared KV buffer yet; use --attention plain"
+        )
     if options.gptq_checkpoint and options.precision != "int4":
         raise ExportError(f"--gptq-checkpoint gives int4 weights; pass --precision int4 (not {options.precision})")
     refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
@@ -192,18 +204,22 @@ def export_folder(
     tokenizer = load_tokenizer(model, model_path, tokenizer_dir)
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
-            if graphs_from and (Path(graphs_from) / file).is_file():
+            found = Path(graphs_from) / file if graphs_from else None
+            if found and found.is_file() and name == "decoder" and decoder_attention(found) != options.attention:
+                logger.info("%s holds a %s decoder; tracing a %s one", graphs_from, decoder_attention(found),
+                            options.attention)  # fmt: skip
+            elif found and found.is_file():
                 logger.info("copying the fp32 %s graph from %s", name, graphs_from)
                 for part in Path(graphs_from).glob(file + "*"):
                     shutil.copy(part, tmp / part.name)
                 continue
             logger.info("exporting %s graph", name)
             with materialized(model, name, options.seed):
-                export_graph(model, name, tmp / file, seed=options.seed)
+                export_graph(model, name, tmp / file, seed=options.seed, attention=options.attention)
         set_logits_positions(tmp / GRAPH_FILES["decoder"], "all")  # calibration (gptq-ort) sees every position
         quantization = quantize_folder(tmp, model, tokenizer, options)
         set_logits_positions(tmp / GRAPH_FILES["decoder"], "last")  # prefill runs lm_head for the last position only
-        write_genai_config(tmp, model.config)
+        write_genai_config(tmp, model.config, options.attention)
         if tokenizer is not None:
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         elif is_lazy(model):
@@ -211,7 +227,7 @@ def export_folder(
         validation: dict[str, Any] = {"skipped": True}
         if options.validate and is_lazy(model):
             logger.info("checking signatures and running random inputs (random weights: no PyTorch comparison)")
-            validation = smoke_validate(tmp, model, options.seed)
+            validation = smoke_validate(tmp, model, options.seed, options.attention)
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
         elif options.validate:
@@ -221,7 +237,8 @@ def export_folder(
                 from export.gptq import load_gptq_model
 
                 reference, precision = load_gptq_model(options.gptq_checkpoint), "int4-gptq-checkpoint"
-            validation = validate_folder(tmp, reference, tokenizer, precision=precision, seed=options.seed)
+            validation = validate_folder(tmp, reference, tokenizer, precision=precision, seed=options.seed,
+                                         attention=options.attention)  # fmt: skip
             if not validation["passed"]:
                 raise ExportError("validation failed: " + "; ".join(validation["failures"]))
         quality = None
@@ -245,6 +262,13 @@ def export_folder(
     return manifest
 
 
+def decoder_attention(path: Path) -> str:
+    """ "gqa" or "plain": which decoder a graph file holds (the name of its KV buffers' axis, as the manifest reads it)."""
+    signature = graph_signature(path)
+    past = next(i["shape"] for i in signature["inputs"] if i["name"] == PAST_KEY % 0)
+    return "gqa" if past[2] == GQA_KV_AXIS else "plain"
+
+
 def folder_size_of_graph(folder: Path, file: str) -> int:
     """A graph's bytes including its external data file, if any."""
     return sum(p.stat().st_size for p in folder.glob(file + "*") if p.is_file())
@@ -263,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     quant = parser.add_argument_group("precision")
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    quant.add_argument("--attention", default="plain", choices=ATTENTIONS,
+                       help="decoder attention: plain, or gqa (GroupQueryAttention, shared KV buffer)")  # fmt: skip
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
     quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
     quant.add_argument(
@@ -292,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                             symmetric=args.symmetric, calib_data=args.calib_data, calib_samples=args.calib_samples,
                             vision_precision=args.vision_precision, gptq_checkpoint=args.gptq_checkpoint,
                             eval_data=args.eval_data, quality_samples=args.quality_samples,
-                            validate=not args.no_validate, seed=args.seed, image_size=args.image_size)  # fmt: skip
+                            validate=not args.no_validate, seed=args.seed, image_size=args.image_size,
+                            attention=args.attention)  # fmt: skip
     try:
         if args.graphs_from and not Path(args.graphs_from).is_dir():
             raise ExportError(f"--graphs-from {args.graphs_from}: no such folder")

@@ -7,7 +7,8 @@
    name) and every other axis a fixed number.
    The decoder's logits are the last position's ([B, 1, V], export.last_logits): compared with PyTorch's last row.
 2. Random inputs, batch 2 with the first row left-padded: vision, embedding, then the decoder at past length 0 (prefill)
-   and 3 decode steps, each side feeding back its own KV cache.
+   and 3 decode steps, each side feeding back its own KV cache (a GQA decoder, export.gqa: one buffer per layer bound
+   as both past and present, as the runtime runs it).
 3. A real input, batch 1: a drawn image and a templated question through vision -> embedding -> decoder, prefill and
    3 greedy steps. Both sides are fed PyTorch's greedy token so the comparison stays on one sequence; whether the
    ONNX argmax agreed is reported per step.
@@ -103,27 +104,57 @@ def _decoder_feed(names, embeds, mask, past: list[np.ndarray]) -> dict[str, np.n
     return dict(zip(names, [embeds, mask, positions, *past]))
 
 
+def _is_gqa(spec: GraphSpec) -> bool:
+    return spec.dynamic_axes.get(spec.inputs[3], {}).get(2) == "max_sequence_length"
+
+
+def run_shared_buffer(session: ort.InferenceSession, spec: GraphSpec, feed: dict, buffers: list[np.ndarray]):
+    """One run of a GQA decoder (export.gqa) as the runtime does it: each past and its present bound to one buffer
+    [B, H, slots, hs]; returns [logits, *present] with present cut to the P+T slots in use (copies)."""
+    binding = session.io_binding()
+    for name in spec.inputs[:3]:
+        binding.bind_cpu_input(name, np.ascontiguousarray(feed[name]))
+    binding.bind_output(spec.outputs[0], "cpu")
+    for past, present, buffer in zip(spec.inputs[3:], spec.outputs[1:], buffers):
+        binding.bind_input(past, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        binding.bind_output(present, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+    session.run_with_iobinding(binding)
+    used = feed["attention_mask"].shape[1]  # P+T
+    return [binding.get_outputs()[0].numpy(), *[b[:, :, :used].copy() for b in buffers]]
+
+
 def _run_decoder_chain(model, sessions, specs, tracker, embeds, mask, step_embeds_fn) -> list[dict[str, Any]]:
-    """Prefill (past 0) then DECODE_STEPS steps on both sides; step_embeds_fn(step, pt_logits) gives the next inputs."""
+    """Prefill (past 0) then DECODE_STEPS steps on both sides; step_embeds_fn(step, pt_logits) gives the next inputs.
+
+    A GQA decoder runs against shared buffers (run_shared_buffer). Its cached keys of a left-padded row may be rotated
+    by the padding (export.gqa: rotary by slot), so its `present` is compared on rows without left padding.
+    """
     lm = model.config.language_model
     spec, session = specs["decoder"], sessions["decoder"]
-    empty = np.zeros((embeds.shape[0], lm.num_heads, 0, lm.head_size), np.float32)
-    ort_past = [empty] * (2 * lm.num_layers)
+    B = embeds.shape[0]
+    gqa = _is_gqa(spec)
+    slots = mask.shape[1] + DECODE_STEPS if gqa else 0
+    buffers = [np.zeros((B, lm.num_heads, slots, lm.head_size), np.float32) for _ in range(2 * lm.num_layers)]
+    ort_past = buffers
     pt_past = None
     steps = []
     for step in range(DECODE_STEPS + 1):
         feed = _decoder_feed(spec.inputs, embeds, mask, ort_past)
-        found = session.run(None, feed)
+        found = run_shared_buffer(session, spec, feed, buffers) if gqa else session.run(None, feed)
         with torch.no_grad():
             pt_logits, present = model.decode(
                 torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(feed["position_ids"]), pt_past
             )
         refs = [pt_logits[:, -found[0].shape[1] :], *[t for kv in present for t in kv]]  # logits: the graph's positions
+        rows = mask.all(axis=1) if gqa else np.ones(B, bool)  # present: rows it is comparable on
         for name, out, ref in zip(spec.outputs, found, refs):
+            if name.startswith("present.") and not rows.all():
+                out, ref = out[rows], ref[torch.from_numpy(rows)]
             tracker.add(name, out, ref)
-        steps.append({"step": step, "past_length": int(ort_past[0].shape[2]), "query_length": int(embeds.shape[1]),
+        past_length = mask.shape[1] - embeds.shape[1]
+        steps.append({"step": step, "past_length": int(past_length), "query_length": int(embeds.shape[1]),
                       "argmax_equal": bool((found[0][:, -1].argmax(-1) == pt_logits[:, -1].argmax(-1).numpy()).all())})  # fmt: skip
-        ort_past, pt_past = found[1:], present
+        ort_past, pt_past = (buffers if gqa else found[1:]), present
         embeds = step_embeds_fn(step, pt_logits)  # [B, 1, D]
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)  # [B, P+1]
     return steps
@@ -204,11 +235,15 @@ def validate_folder(
     precision: str = "fp32",
     question: str = "[vqa] What color is the circle?",
     seed: int = 0,
+    attention: str = "plain",
 ) -> dict[str, Any]:
-    """Run every check on `folder`'s graphs against `model`; returns the report that goes into the manifest."""
+    """Run every check on `folder`'s graphs against `model`; returns the report that goes into the manifest.
+
+    `attention`: the decoder's kind ("plain" or "gqa", export.gqa), which sets the signature it is checked against.
+    """
     folder = Path(folder)
     model = model.eval()
-    specs = graph_specs(model)
+    specs = graph_specs(model, attention)
     sessions = {name: open_session(folder / spec.file) for name, spec in specs.items()}
     problems = [p for name in specs for p in check_signature(sessions[name], specs[name])]
     report: dict[str, Any] = {"precision": precision, "signature_problems": problems}
@@ -232,13 +267,13 @@ def validate_folder(
     return report
 
 
-def smoke_validate(folder: str | Path, model: TinyGPTV, seed: int = 0) -> dict[str, Any]:
+def smoke_validate(folder: str | Path, model: TinyGPTV, seed: int = 0, attention: str = "plain") -> dict[str, Any]:
     """For random-init exports (no PyTorch model to hold beside the sessions): signatures, then random inputs through
     vision -> embedding -> decoder (prefill at past 0 + DECODE_STEPS steps), every output finite and of the right shape."""
     folder = Path(folder)
     cfg = model.config
     lm = cfg.language_model
-    specs = graph_specs(model)
+    specs = graph_specs(model, attention)
     rng = np.random.default_rng(seed)
     report: dict[str, Any] = {"precision": "random-init", "pytorch_comparison": "skipped: random weights, no reference"}
     problems = []
@@ -255,15 +290,23 @@ def smoke_validate(folder: str | Path, model: TinyGPTV, seed: int = 0) -> dict[s
     session = open_session(folder / specs["decoder"].file)
     problems += check_signature(session, specs["decoder"])
     mask = np.ones(ids.shape, np.int64)
-    past = [np.zeros((1, lm.num_heads, 0, lm.head_size), np.float32)] * (2 * lm.num_layers)
+    gqa = attention == "gqa"
+    slots = mask.shape[1] + DECODE_STEPS if gqa else 0
+    buffers = [np.zeros((1, lm.num_heads, slots, lm.head_size), np.float32) for _ in range(2 * lm.num_layers)]
+    past = buffers
     finite = bool(np.isfinite(features).all() and np.isfinite(embeds).all())
     for _ in range(DECODE_STEPS + 1):
-        logits, *past = session.run(None, _decoder_feed(specs["decoder"].inputs, embeds, mask, past))
+        feed = _decoder_feed(specs["decoder"].inputs, embeds, mask, past)
+        if gqa:
+            logits, *past = run_shared_buffer(session, specs["decoder"], feed, buffers)
+        else:
+            logits, *past = session.run(None, feed)
         finite &= bool(np.isfinite(logits).all())
         if logits.shape != (1, 1, lm.vocab_size) or past[0].shape[2] != mask.shape[1]:  # last position only
             problems.append(f"decoder output shapes {logits.shape} / {past[0].shape} do not fit the inputs")
         embeds = rng.standard_normal((1, 1, lm.hidden_size)).astype(np.float32)
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        past = buffers if gqa else past
     report["signature_problems"] = problems
     report["finite"] = finite
     report["failures"] = problems + ([] if finite else ["non-finite outputs"])

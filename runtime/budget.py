@@ -13,12 +13,14 @@ Terms (bytes):
   so the largest graph file counts a second time until loading ends;
 - KV cache: 2 (key, value) x layers x heads x head size x context x 4 bytes x batch, twice: the contract's decoder
   writes `present` (past + new) to a different buffer than `past`, so the runtime keeps two fixed buffers and swaps
-  them each step instead of allocating;
+  them each step instead of allocating; once for a GQA decoder (manifest `decoder.attention: "gqa"`), whose past and
+  present are one buffer (runtime.kv_cache);
 - activations: the largest step (prefill of a full context, or the vision encoder), summed over the three sessions
   because each session keeps its own arena. The prompt is prefilled in chunks of PREFILL_CHUNK tokens (runtime.generate),
   so a step holds one chunk's logits ([B, 1, V], or [B, C, V] in folders from before export.last_logits), attention
   scores [B, H, C, context] and hidden states, not the whole prompt's: at context 2,048 of Phi-2 the scores alone
-  would be 1 GiB [1, 32, 2048, 2048] instead of 128 MiB;
+  would be 1 GiB [1, 32, 2048, 2048] instead of 128 MiB. A GQA decoder prefills a batch of several rows in one run
+  (runtime.generate), so there the step is the whole context;
 - arena: ONNX Runtime's allocator overhead on the activations (chunk rounding, fragmentation);
 - runtime: the Python interpreter, numpy, onnxruntime and its thread pools, the tokenizer; measured, not derived.
 Peak = runtime + weights + prepacked + max(load transient, KV cache + activations + arena).
@@ -81,10 +83,11 @@ class MemoryPlan:
     activations: int
     arena: int
     runtime: int
-    kv_bytes_per_token: int  # per token of context, both buffers, the whole batch
+    kv_bytes_per_token: int  # per token of context, every buffer (two, or one for GQA), the whole batch
     weights_int4: int  # what the weights would take as an int4 export (estimate), for the suggestion
     largest_context: int = 0  # the largest context (a multiple of 64, or of 16 below 64) that fits; 0 if none
     prepacked: int = 0  # int4 weights repacked by onnxruntime at load, beyond the file's bytes
+    kv_layout: str = "two swapped buffers"  # or "one shared buffer" (GQA)
 
     @property
     def run(self) -> int:
@@ -107,7 +110,7 @@ class MemoryPlan:
             ("weights", self.weights, "graph files and external data"),
             ("prepacked", self.prepacked, "int4 weights repacked at load (MatMulNBits)"),
             ("load transient", self.load_transient, "largest graph's protobuf, held while it loads"),
-            ("KV cache", self.kv_cache, f"context {self.context:,} x batch {self.batch_size}, two swapped buffers"),
+            ("KV cache", self.kv_cache, f"context {self.context:,} x batch {self.batch_size}, {self.kv_layout}"),
             ("activations", self.activations, "largest step: full-context prefill or vision"),
             ("arena", self.arena, "allocator overhead on activations"),
             ("runtime", self.runtime, f"Python + onnxruntime ({self.provider})"),
@@ -161,7 +164,8 @@ def _decoder_activations(manifest: Manifest, context: int, batch_size: int, chun
     cfg = manifest.source.get("config") if isinstance(manifest.source.get("config"), dict) else {}
     lm = cfg.get("language_model", {}) if isinstance(cfg, dict) else {}
     inner = int(lm.get("intermediate_size", 4 * d.hidden_size))
-    step = min(context, chunk)
+    several_gqa_rows = d.attention == "gqa" and batch_size > 1  # one prefill run, not chunks (runtime.generate)
+    step = context if several_gqa_rows else min(context, chunk)
     logits = (1 if d.logits_positions == "last" else step) * d.vocab_size
     scores = 2 * d.num_heads * step * context
     hidden = step * (8 * d.hidden_size + 2 * inner)
@@ -193,7 +197,8 @@ def plan_memory(
     weights = sum(sizes.values())
     graph_files = [g.file for g in manifest.graphs.values()]
     load_transient = max((sizes.get(f, 0) for f in graph_files), default=0)
-    kv_per_token = 2 * 2 * d.num_layers * d.num_heads * d.head_size * FLOAT_BYTES * batch_size
+    buffers = 1 if d.attention == "gqa" else 2  # GQA: past and present share one buffer (runtime.kv_cache)
+    kv_per_token = buffers * 2 * d.num_layers * d.num_heads * d.head_size * FLOAT_BYTES * batch_size
     activations = _decoder_activations(manifest, context, batch_size) + _vision_activations(manifest, batch_size)
     q = manifest.quantization if isinstance(manifest.quantization, dict) else {}
     dec_q = q.get("decoder") if isinstance(q.get("decoder"), dict) else {}
@@ -216,6 +221,7 @@ def plan_memory(
         kv_bytes_per_token=kv_per_token,
         weights_int4=weights_int4,
         prepacked=int(decoder_bytes * PREPACK_FRACTION) if already_int4 else 0,
+        kv_layout="one shared buffer" if buffers == 1 else "two swapped buffers",
     )
     return replace(plan, largest_context=_largest_context(plan, manifest)) if search else plan
 

@@ -226,11 +226,22 @@ class DecodeLoop:
 
         One decoder run per chunk of `prefill_chunk` tokens, each against the cache filled by the chunks before it:
         the same logits as one run over the whole prompt, with a chunk's activations instead of the prompt's.
+        A GQA decoder (export.gqa) with several rows prefills in one run (its kernel's limit, see below).
         A decoder with last-position logits writes each chunk's straight into the fixed step buffer, as a decode step
         does; one with every position's logits (older folders) gets a [rows, C, V] array per chunk, freed at once.
         """
         embeds = np.asarray(embeds, dtype=np.float32)
         total, size = embeds.shape[1], self.prefill_chunk
+        if self.spec.attention == "gqa" and self.cache.rows > 1 and total > 1:
+            # onnxruntime's GroupQueryAttention (CPU) runs T > 1 tokens on a non-empty cache for batch 1 only:
+            # several rows prefill in one run, and only from an empty cache
+            if self.cache.length:
+                raise ContextError(
+                    f"this export's GroupQueryAttention decoder cannot add {total} tokens to {self.cache.rows} rows "
+                    f"that already hold {self.cache.length} (onnxruntime's kernel takes that for one row only); "
+                    "continue one row at a time, or use a folder exported with --attention plain"
+                )
+            size = total
         last_only = self.spec.logits_positions == "last"
         for first in range(0, total, size):
             chunk = np.ascontiguousarray(embeds[:, first : first + size])  # [rows, C, D]

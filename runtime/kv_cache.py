@@ -8,6 +8,11 @@ straight into the other through IO binding (the first elements of the flat buffe
 the sides swap. No buffer is allocated, concatenated or copied by the runtime after load, and an interrupted step
 leaves the cache as it was (the side it read is untouched).
 
+A GQA decoder (manifest `decoder.attention: "gqa"`, export.gqa) takes and returns the whole buffer [B, H, context, hs]
+and writes the T new slots in place, so each layer's key and value get one buffer, bound as both past and present
+(side 0 only): half the memory, and nothing moves but the new slots. An interrupted step may have written slots past
+P, which the next step overwrites; the P cached ones are untouched.
+
     cache = KVCache(manifest.decoder, batch_size=1, context=512)
     cache.start(rows=1)
     cache.bind(binding, new_tokens=T)    # past from the current side, present into the other
@@ -38,8 +43,10 @@ class KVCache:
         self.device = device
         self.capacity = batch_size * spec.num_heads * context * spec.head_size  # floats per buffer
         self.allocations = 0
-        # buffers[side][layer] = (key, value), flat float32 of `capacity` elements
-        self.buffers = [[(self._allocate(), self._allocate()) for _ in range(spec.num_layers)] for _side in range(2)]
+        self.shared = spec.attention == "gqa"  # past and present are one buffer (export.gqa)
+        # buffers[side][layer] = (key, value), flat float32 of `capacity` elements; one side when shared
+        sides = 1 if self.shared else 2
+        self.buffers = [[(self._allocate(), self._allocate()) for _ in range(spec.num_layers)] for _ in range(sides)]
         self._pointers = [[(self.pointer(k), self.pointer(v)) for k, v in side] for side in self.buffers]
         self._names = [
             ((spec.past_key(i), spec.present_key(i)), (spec.past_value(i), spec.present_value(i)))
@@ -111,19 +118,24 @@ class KVCache:
         return np.maximum(counted - 1, 0).astype(np.int64)  # [rows, T]
 
     def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
-        """Bind every layer's past (current side, P tokens) and present (other side, P+T tokens) by pointer."""
+        """Bind every layer's past (current side, P tokens) and present (other side, P+T tokens) by pointer; shared
+        (GQA): both to the one buffer, [rows, H, context, hs]."""
         spec, rows = self.spec, self.rows
-        past_shape = [rows, spec.num_heads, self.length, spec.head_size]
-        present_shape = [rows, spec.num_heads, self.length + new_tokens, spec.head_size]
-        src, dst = self._pointers[self.side], self._pointers[1 - self.side]
+        if self.shared:
+            past_shape = present_shape = [rows, spec.num_heads, self.context, spec.head_size]
+            src = dst = self._pointers[0]
+        else:
+            past_shape = [rows, spec.num_heads, self.length, spec.head_size]
+            present_shape = [rows, spec.num_heads, self.length + new_tokens, spec.head_size]
+            src, dst = self._pointers[self.side], self._pointers[1 - self.side]
         for layer, names in enumerate(self._names):
             for i, (past_name, present_name) in enumerate(names):
                 binding.bind_input(past_name, self.device, 0, np.float32, past_shape, src[layer][i])
                 binding.bind_output(present_name, self.device, 0, np.float32, present_shape, dst[layer][i])
 
     def advance(self, new_tokens: int) -> None:
-        """After a step ran: the present side becomes the past side."""
-        self.side = 1 - self.side
+        """After a step ran: the present side becomes the past side (shared: the buffer holds P+T now)."""
+        self.side = self.side if self.shared else 1 - self.side
         self.length += new_tokens
         self.counts[: self.rows] = self._next_counts
 
@@ -131,7 +143,8 @@ class KVCache:
         """(key, value) of `layer` as [rows, H, P, hs] numpy views (CPU only; for tests and debugging)."""
         if self.device != "cpu":
             raise RuntimeError("layer() reads CPU buffers only")
-        shape = (self.rows, self.spec.num_heads, self.length, self.spec.head_size)
+        slots = self.context if self.shared else self.length
+        shape = (self.rows, self.spec.num_heads, slots, self.spec.head_size)
         n = int(np.prod(shape))
         key, value = self.buffers[self.side][layer]
-        return key[:n].reshape(shape), value[:n].reshape(shape)
+        return key[:n].reshape(shape)[:, :, : self.length], value[:n].reshape(shape)[:, :, : self.length]

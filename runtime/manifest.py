@@ -64,6 +64,9 @@ class DecoderSpec:
     context_length: int
     vocab_size: int
     logits_positions: str = "all"  # "last": logits [B, 1, V]; "all": [B, T, V] (folders exported before the cut)
+    # "plain": past [B, H, P, hs] in, present [B, H, P+T, hs] out; "gqa": GroupQueryAttention, past and present one
+    # buffer [B, H, context, hs] (export.gqa). Folders exported before the field are "plain".
+    attention: str = "plain"
 
     def past_key(self, layer: int) -> str:
         return self.past_key_template % layer
@@ -231,9 +234,12 @@ def parse_manifest(data: dict[str, Any], folder: Path) -> Manifest:
             for k in ("num_layers", "num_heads", "head_size", "hidden_size", "context_length", "vocab_size")
         ),
         logits_positions=_get(dec, "logits_positions", str, w) if "logits_positions" in dec else "all",
+        attention=_get(dec, "attention", str, w) if "attention" in dec else "plain",
     )
     if decoder.logits_positions not in ("last", "all"):
         raise ManifestError(f"{w}.logits_positions: {decoder.logits_positions!r}, expected 'last' or 'all'")
+    if decoder.attention not in ("plain", "gqa"):
+        raise ManifestError(f"{w}.attention: {decoder.attention!r}, expected 'plain' or 'gqa' (a newer export?)")
     img = _get(data, "image", dict, where)
     w = f"{where}: image"
     image = ImageConfig(

@@ -148,7 +148,8 @@ class Sessions:
             "attention_mask": np.ones((1, 2), dtype=np.int64),
             "position_ids": np.arange(2, dtype=np.int64)[None],
         }
-        empty = np.zeros((1, d.num_heads, 0, d.head_size), dtype=np.float32)  # [1, H, 0, hs]
+        slots = 2 if d.attention == "gqa" else 0  # GQA: a buffer with room for the 2 tokens (export.gqa)
+        empty = np.zeros((1, d.num_heads, slots, d.head_size), dtype=np.float32)  # [1, H, 0 or 2, hs]
         for layer in range(d.num_layers):
             feeds[d.past_key(layer)] = empty
             feeds[d.past_value(layer)] = empty

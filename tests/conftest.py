@@ -33,7 +33,8 @@ def train_tiny_tokenizer(vocab_size: int = 120):
     return tokenizer
 
 
-def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+def make_tiny_model_dir(path: Path, seed: int = 0, **language_model) -> Path:
+    """The tiny preset with seeded weights; `language_model` overrides fields of its language model config."""
     import torch
 
     from core.config import ModelConfig
@@ -42,6 +43,7 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     cfg = ModelConfig.preset("tiny")
+    cfg = cfg.replace(language_model=cfg.language_model.replace(**language_model))
     model = TinyGPTV(cfg).eval()
     lm = cfg.language_model
     tokenizer = TextTokenizer(train_tiny_tokenizer(), lm.bos_token_id, lm.eos_token_id, cfg.prompt.image_token_id)
@@ -73,7 +75,8 @@ def reuse_tiny_graphs(monkeypatch, tiny_export_dir):
     from export import onnx as export_onnx
     from export.graphs import GRAPH_FILES
 
-    def copy(model, name, path, seed=0):
+    def copy(model, name, path, seed=0, attention="plain"):
+        assert attention == "plain", "the session's graphs are the plain decoder's; trace a GQA one (tests/test_gqa.py)"
         shutil.copy(tiny_export_dir / GRAPH_FILES[name], path)
 
     monkeypatch.setattr(export_onnx, "export_graph", copy)

@@ -84,7 +84,7 @@ def test_manifest_describes_the_folder(tiny_model_dir, tiny_export_dir):
         "kv_templates": {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
                          "present_key": "present.%d.key", "present_value": "present.%d.value"},
         "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_size": 16, "hidden_size": 64,
-        "context_length": 256, "vocab_size": 128, "logits_positions": "last",
+        "context_length": 256, "vocab_size": 128, "logits_positions": "last", "attention": "plain",
     }  # fmt: skip
     assert manifest["num_image_tokens"] == 8 and manifest["image_token_id"] == 127
     assert manifest["image"]["size"] == cfg.image.size and manifest["image"]["mean"] == list(cfg.image.mean)

@@ -66,3 +66,21 @@ def test_genai_image_prompt_matches_pytorch_greedy(tiny_model_dir, tiny_export_d
         features = model.encode_image(pixels)  # [1, N, D]
     expected = greedy_reference(model, prompt, features, steps=8)
     assert genai_greedy(tiny_export_dir, prompt, features.numpy(), steps=8) == expected
+
+
+@pytest.fixture(scope="module")
+def gqa_export_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with --attention gqa: genai binds past and present to one buffer (past_present_share_buffer)."""
+    from export.onnx import ExportOptions, export_folder
+
+    out = tmp_path_factory.mktemp("genai_gqa") / "gqa"
+    export_folder(out, tiny_model_dir, ExportOptions(attention="gqa"))
+    return out
+
+
+def test_genai_runs_the_gqa_decoder_with_a_shared_buffer(tiny_model_dir, gqa_export_dir):
+    model = TinyGPTV.from_pretrained(tiny_model_dir)
+    prompt = [0, 5, 9, 33, 12, 40, 7]
+    zeros = torch.zeros(1, 1, model.config.language_model.hidden_size)
+    expected = greedy_reference(model, prompt, zeros, steps=10)
+    assert genai_greedy(gqa_export_dir, prompt, zeros.numpy(), steps=10) == expected
