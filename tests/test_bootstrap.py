@@ -89,6 +89,36 @@ def _one_object(shape: str) -> Scene:
     )
 
 
+def test_patch_shape_term_reads_object_patches_only() -> None:
+    """The patch head's shape logits on background patches do not move the loss; on object patches they do."""
+    from training.bootstrap_vision import COLOUR_NAMES, VisionHeads, patch_targets, vision_loss
+
+    torch.manual_seed(0)
+    scenes = [_one_object("square")]
+    heads = VisionHeads(8, 8)
+    tokens, queries = torch.randn(1, 1 + 64, 8), torch.randn(1, 8, 8)
+    n_col = len(COLOUR_NAMES) + 1
+    colour, _ = patch_targets(scenes, grid=8)
+    on = colour[0] > 0  # 9 object patches of 64
+
+    def patch_loss(shape_bias: torch.Tensor, weight: float = 1.0) -> float:
+        with torch.no_grad():
+            heads.patch.bias[n_col:] = 0.0
+            original = heads.patch.forward
+            heads.patch.forward = lambda x: original(x) + shape_bias  # [B, P, 12] offsets per patch
+            _, parts = vision_loss(heads, tokens, queries, scenes, patch_shape_weight=weight)
+            heads.patch.forward = original
+        return parts["patch"]
+
+    zero = torch.zeros(1, 64, n_col + 5)
+    on_background, on_objects = zero.clone(), zero.clone()
+    on_background[0, ~on, n_col + 2] = 50.0  # push background patches to "square"
+    on_objects[0, on, n_col + 2] = 50.0  # push the object's patches to "square", their true shape
+    assert patch_loss(on_background) == pytest.approx(patch_loss(zero), abs=1e-6)
+    assert patch_loss(on_objects) < patch_loss(zero) - 1.0
+    assert patch_loss(zero, weight=0.0) < patch_loss(zero, weight=1.0)
+
+
 def test_normed_decoder_shares_the_stock_weights() -> None:
     from core.phi import PhiDecoder
     from training.bootstrap_lm import shared_normed_decoder

@@ -5,8 +5,9 @@ model learns the answer priors and never looks at the image. So the ViT and Q-Fo
 as EVA and BLIP-2 got theirs: direct prediction of everything the scene generator knows, from linear heads that are
 thrown away afterwards (only the BLIP-2-format folder is kept).
 
-- patch head on every ViT output token (after `ln_vision`): colour and shape of the object whose box covers the
-  patch centre, or background. Dense targets reach every patch and train the ViT far faster than pooled ones.
+- patch head on every ViT output token (after `ln_vision`): the colour of the object whose drawn shape covers at
+  least half of the patch (or background), and, on those object patches only, its shape. Dense targets reach every
+  patch and train the ViT far faster than pooled ones.
 - slot heads on Q-Former queries 0..8, one per cell of the world's 3x3 layout (the scene generator puts at most one
   object in each cell): colour, shape and size (or empty), and the object's box on the 0-100 grid (L1).
 - global heads on the mean of the other queries: object count, count per colour and per shape, which of the
@@ -226,17 +227,24 @@ def vision_loss(
     box_weight: float = 10.0,
     occupied_weight: float = 3.0,
     attention_weight: float = 1.0,
+    patch_shape_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The summed objective of one batch and its parts (for the log)."""
+    """The summed objective of one batch and its parts (for the log).
+
+    The patch head's shape term is scored on the patches an object covers only: over all patches, the ~90 % of
+    background patches (whose "no shape" the colour term already gives) drown it, and the ViT stays at the majority
+    shape for hundreds of steps (measured: object patches only, 0.58 held-out patch shape after 248 steps of 32 on a
+    pool of 2,000 scenes, against 0.41 and still rising slowly with the all-patch term).
+    """
     t = scene_targets(scenes)
     grid = int(round((tokens.shape[1] - 1) ** 0.5))
     p_colour, p_shape = patch_targets(scenes, grid)
     patch = heads.patch(tokens[:, 1:])  # [B, P, 7+5]
     n_col = len(COLOUR_NAMES) + 1
-    parts = {
-        "patch": F.cross_entropy(patch[..., :n_col].flatten(0, 1), p_colour.flatten())
-        + F.cross_entropy(patch[..., n_col:].flatten(0, 1), p_shape.flatten())
-    }
+    on = p_colour > 0  # [B, P] the patches an object covers
+    parts = {"patch": F.cross_entropy(patch[..., :n_col].flatten(0, 1), p_colour.flatten())}
+    if on.any():
+        parts["patch"] = parts["patch"] + patch_shape_weight * F.cross_entropy(patch[..., n_col:][on], p_shape[on])
     o = head_outputs(heads, queries)
     k = o["colour"].shape[1]
     t = _keep_slots(t, k)
@@ -293,6 +301,7 @@ class VisionPhase:
     sizes: tuple[int, ...] = (64, 128)  # the stages' 64 px and stage 4's 128 px (interpolated position embeddings)
     mixed_from: float = 0.5  # the first half of the steps at sizes[0] only, then the sizes in turn
     attention_weight: float = 1.0  # the slot queries' cross-attention supervision (0 = off)
+    patch_shape_weight: float = 1.0  # the patch head's shape term (object patches only) against its colour term
     log_every: int = 25
 
     def size_at(self, step: int) -> int:
@@ -354,7 +363,15 @@ def train_vision(
         recorder.probs.clear()
         tokens, queries = encode(model, pixels(scenes, model, size))  # [B, 1+P, Dv], [B, N, Dq]
         attention = recorder.probs if phase.attention_weight else None
-        loss, parts = vision_loss(heads, tokens, queries, scenes, attention, attention_weight=phase.attention_weight)
+        loss, parts = vision_loss(
+            heads,
+            tokens,
+            queries,
+            scenes,
+            attention,
+            attention_weight=phase.attention_weight,
+            patch_shape_weight=phase.patch_shape_weight,
+        )
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
