@@ -50,6 +50,7 @@ from export.folder import CliParser, ExportError, folder_size, refuse_existing, 
 from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
 from export.last_logits import set_logits_positions
+from export.embedding_table import table_from_graph, write_table
 from export.manifest import build_manifest, sha256_file, write_manifest
 from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
 from export.validate import smoke_validate, validate_folder
@@ -207,6 +208,8 @@ def export_folder(
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         elif is_lazy(model):
             stand_in_tokenizer(model.config).save(tmp)
+        # the embedding table beside its graph, memory-mapped by the runtime (export.embedding_table)
+        table = write_table(tmp, table_from_graph(tmp / GRAPH_FILES["embedding"]))
         validation: dict[str, Any] = {"skipped": True}
         if options.validate and is_lazy(model):
             logger.info("checking signatures and running random inputs (random weights: no PyTorch comparison)")
@@ -235,9 +238,10 @@ def export_folder(
         manifest = build_manifest(
             tmp, model.config, quantization, validation, source, _exporter(time.monotonic() - start)
         )
+        manifest["embedding_table"] = table
         manifest["sizes"] = {"folder_bytes": folder_size(tmp)} | {
             f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()
-        }
+        } | {"embedding_table_bytes": (tmp / table["file"]).stat().st_size}
         if quality is not None:
             manifest["quality"] = quality | {"folder_bytes": manifest["sizes"]["folder_bytes"]}
         write_manifest(tmp, manifest)

@@ -34,6 +34,7 @@ from core.prompts import IMAGE_PLACEHOLDER, IMAGE_TEXT, build_prompt
 from core.tokenizer import TextTokenizer
 from runtime.budget import MemoryPlan, plan_memory
 from runtime.chat import Chat
+from runtime.embedding import EmbeddingTable
 from runtime.errors import ManifestError, RuntimeInputError
 from runtime.generate import (
     DecodeLoop,
@@ -48,7 +49,7 @@ from runtime.generate import (
 from runtime.kv_cache import KVCache
 from runtime.manifest import Manifest, read_manifest
 from runtime.sampling import Sampler, SamplingParams
-from runtime.session import Sessions, resolve_provider
+from runtime.session import Sessions, release_freed_memory, resolve_provider
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,19 @@ class Stream:
 
 class Pipeline:
     def __init__(
-        self, manifest: Manifest, plan: MemoryPlan, tokenizer: TextTokenizer, sessions: Sessions, cache: KVCache
+        self,
+        manifest: Manifest,
+        plan: MemoryPlan,
+        tokenizer: TextTokenizer,
+        sessions: Sessions,
+        cache: KVCache,
+        table: EmbeddingTable | None = None,
     ) -> None:
         self.manifest, self.plan, self.tokenizer, self.sessions, self.cache = manifest, plan, tokenizer, sessions, cache
-        self.loop = DecodeLoop(sessions, cache)
+        self.table = table
+        self.loop = DecodeLoop(sessions, cache, table=table)
+        self.vision_loads = 0  # vision sessions created for requests (vision "release")
+        self.last_vision_load_s = 0.0
         self.template = manifest.prompt.template
         self.stop_strings = manifest.prompt.stop_strings
         self.stop_ids = (manifest.eos_token_id,)
@@ -96,11 +106,20 @@ class Pipeline:
         batch_size: int = 1,
         verify: bool = True,
         warm_up: bool = True,
+        vision: str = "auto",
+        embedding: str = "auto",
     ) -> Pipeline:
-        """Plan, verify, load and warm up an export folder. Raises a RuntimeInputError subclass on bad input."""
+        """Plan, verify, load and warm up an export folder. Raises a RuntimeInputError subclass on bad input.
+
+        vision: "keep" loads the vision graph now and keeps it; "release" loads it for each request's images and
+        releases it (and the previous request's KV cache) before the prompt is prefilled, which costs a reload per
+        image; "auto" keeps it when that plan fits `memory_budget`, else releases (runtime.budget).
+        embedding: "auto" gathers from the folder's memory-mapped table when it has one (runtime.embedding), else runs
+        the embedding graph; "table" or "graph" forces one.
+        """
         resolve_provider(provider)
         manifest = read_manifest(model_dir)
-        plan = plan_memory(manifest, context, batch_size, memory_budget, provider)
+        plan = plan_memory(manifest, context, batch_size, memory_budget, provider, vision=vision, embedding=embedding)
         plan.check()
         if (manifest.prompt.image_text, manifest.prompt.placeholder) != (IMAGE_TEXT, IMAGE_PLACEHOLDER):
             raise ManifestError(
@@ -118,27 +137,57 @@ class Pipeline:
         tokenizer = TextTokenizer.from_dir(
             manifest.folder, manifest.bos_token_id, manifest.eos_token_id, manifest.image_token_id
         )
-        sessions = Sessions.create(manifest, provider, threads)
+        table = EmbeddingTable.open(manifest) if plan.embedding == "table" else None
+        graphs = tuple(g for g, skip in (("vision", plan.vision == "release"), ("embedding", table is not None),
+                                         ("decoder", False)) if not skip)  # fmt: skip
+        sessions = Sessions.create(manifest, provider, threads, graphs)
         cache = KVCache(manifest.decoder, plan.batch_size, plan.context, sessions.device_type)
-        pipe = cls(manifest, plan, tokenizer, sessions, cache)
+        pipe = cls(manifest, plan, tokenizer, sessions, cache, table)
+        logger.info("vision %s, embedding %s; planned peak %.2f GiB", plan.vision, plan.embedding, plan.peak / 2**30)
         if warm_up:
             sessions.warm_up()
         return pipe
 
     # --- inputs
     def encode_images(self, images: Sequence[ImageInput | None]) -> tuple[np.ndarray | None, float, float]:
-        """Images (None for a text-only row) -> (features [B, N, D] or None, preprocess seconds, vision seconds)."""
+        """Images (None for a text-only row) -> (features [B, N, D] or None, preprocess seconds, vision seconds).
+
+        With vision "release" the vision graph is loaded first and released after (`last_vision_load_s` says how
+        long the load took; it is not in the vision seconds), and the KV cache is emptied before it loads: an image
+        starts a new conversation, so what the cache holds is not needed, and its pages go back to the system until
+        the prefill writes them again.
+        """
+        self.last_vision_load_s = 0.0
         if all(im is None for im in images):
             return None, 0.0, 0.0
         start = time.perf_counter()
         which = [i for i, im in enumerate(images) if im is not None]
         pixels = np.stack([preprocess_for(images[i], self.manifest.image) for i in which])  # [b, 3, S, S]
+        release = self.plan.vision == "release"
+        if release and self.sessions.vision is None:
+            self._fresh_cache()
+            self.last_vision_load_s = self.sessions.load("vision")
+            self.vision_loads += 1
         mid = time.perf_counter()
         (feats,) = self.sessions.vision.run(None, {"pixel_values": pixels})  # [b, N, D]
         end = time.perf_counter()
+        if release:
+            freed = self.sessions.release("vision")
+            logger.info("vision: loaded in %.2f s, ran in %.2f s, released (%.0f MiB)",
+                        self.last_vision_load_s, end - mid, freed / 2**20)  # fmt: skip
         out = np.zeros((len(images), *feats.shape[1:]), dtype=np.float32)  # [B, N, D]
         out[which] = feats
-        return out, mid - start, end - mid
+        return out, mid - start - self.last_vision_load_s, end - mid
+
+    def _fresh_cache(self) -> None:
+        """Replace the KV cache by an untouched one (same size): the old buffers are freed, and the new ones take no
+        memory until written (zero pages), so the vision graph loads and runs beside no KV cache."""
+        old = self.cache
+        self.cache = self.loop.cache = None  # type: ignore[assignment]
+        del old
+        release_freed_memory()
+        self.cache = self.loop.cache = KVCache(self.manifest.decoder, self.plan.batch_size, self.plan.context,
+                                               self.sessions.device_type)  # fmt: skip
 
     def prompt_ids(self, prompt: str, image: bool, bos: bool = True) -> list[int]:
         """One user turn -> token ids: template applied, image placeholder in front when there is an image."""
@@ -273,6 +322,7 @@ class Pipeline:
         feats = features
         if image is not None:
             feats, timings.preprocess_s, timings.vision_s = self.encode_images([image])
+            timings.vision_load_s = self.last_vision_load_s
         holder: list[Stream] = []
 
         def steps() -> Iterator[str]:
@@ -335,6 +385,7 @@ class Pipeline:
             rows = [self.request_ids(image, *_text_or_ids(prompt)) for image, prompt in chunk]
             check_context(self.loop, rows, max_new_tokens)
             feats, timings.preprocess_s, timings.vision_s = self.encode_images([image for image, _ in chunk])
+            timings.vision_load_s = self.last_vision_load_s
             streams = [TextStream(self.tokenizer, stops, min_new_tokens) for _ in chunk]
             state = RunState(rows=len(chunk))
             for _ in run_tokens(
