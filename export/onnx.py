@@ -46,11 +46,11 @@ from core.model import TinyGPTV
 from core.tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError
 from core.weights import WEIGHTS_FILE, WeightsError
 from export.calibration import check_data
+from export.embedding_table import table_from_graph, write_table
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
 from export.graphs import GRAPH_FILES, OPSET, export_graph
 from export.last_logits import set_logits_positions
-from export.embedding_table import table_from_graph, write_table
 from export.manifest import build_manifest, sha256_file, write_manifest
 from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
 from export.validate import smoke_validate, validate_folder
@@ -239,9 +239,11 @@ def export_folder(
             tmp, model.config, quantization, validation, source, _exporter(time.monotonic() - start)
         )
         manifest["embedding_table"] = table
-        manifest["sizes"] = {"folder_bytes": folder_size(tmp)} | {
-            f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()
-        } | {"embedding_table_bytes": (tmp / table["file"]).stat().st_size}
+        manifest["sizes"] = (
+            {"folder_bytes": folder_size(tmp)}
+            | {f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()}
+            | {"embedding_table_bytes": (tmp / table["file"]).stat().st_size}
+        )
         if quality is not None:
             manifest["quality"] = quality | {"folder_bytes": manifest["sizes"]["folder_bytes"]}
         write_manifest(tmp, manifest)

@@ -82,7 +82,9 @@ def test_a_folder_without_the_table_runs_through_the_graph(older_folder, tiny_ex
     assert new.plan.embedding == "table" and new.sessions.embedding is None
     img = images(1)[0]
     assert old.generate(img, QUESTIONS[1], max_new_tokens=12).tokens == new.generate(img, QUESTIONS[1], 12).tokens
-    with pytest.raises(RuntimeInputError, match="no embedding table in this folder .* python -m export.embedding_table"):
+    with pytest.raises(
+        RuntimeInputError, match="no embedding table in this folder .* python -m export.embedding_table"
+    ):
         Pipeline.load(older_folder, embedding="table")
 
 
