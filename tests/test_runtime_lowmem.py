@@ -178,3 +178,29 @@ def test_plan_terms_for_release_and_table(tmp_path):
     assert "vision phase" in low.describe() and "vision phase" not in keep.describe()
     with pytest.raises(RuntimeInputError, match="vision 'later'; choose one of auto, keep, release"):
         plan_memory(m, 2048, vision="later")
+
+
+def test_cli_plan_and_answer_with_vision_release(tiny_export_dir, capsys, tmp_path):
+    from PIL import Image
+
+    from runtime.cli import main
+
+    assert main(["--model", str(tiny_export_dir), "--plan", "--vision", "release", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["vision"] == "release" and plan["embedding"] == "table" and plan["vision_phase"] > 0
+    assert main(["--model", str(tiny_export_dir), "--plan", "--vision", "keep", "--embedding", "graph"]) == 0
+    out = capsys.readouterr().out
+    assert "vision phase" not in out and "table" not in out and "weights" in out
+    Image.fromarray(images(1)[0]).save(tmp_path / "a.png")
+    ask = ["--model", str(tiny_export_dir), "--image", str(tmp_path / "a.png"), "--prompt", QUESTIONS[0],
+           "--max-new-tokens", "6", "--json"]  # fmt: skip
+    answers = []
+    for vision in ("keep", "release"):
+        assert main([*ask, "--vision", vision]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0]["tokens"] == answers[1]["tokens"] and len(answers[0]["tokens"]) == 6
+    assert answers[0]["timings"]["vision_load_s"] == 0 < answers[1]["timings"]["vision_load_s"]
+    with pytest.raises(SystemExit) as exited:  # argparse's choices: one line, exit 2
+        main([*ask, "--vision", "later"])
+    assert exited.value.code == 2
+    assert "argument --vision: invalid choice: 'later'" in capsys.readouterr().err
