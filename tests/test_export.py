@@ -122,7 +122,8 @@ def test_refuses_existing_folder_and_force_replaces_it(tiny_model_dir, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     export_onnx.export_folder(out, tiny_model_dir, force=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "decoder.onnx", "embedding.onnx", "genai_config.json", "manifest.json", "tokenizer.json", "vision.onnx"]  # fmt: skip
+        "decoder.onnx", "embedding.onnx", "embedding.safetensors", "genai_config.json", "manifest.json",
+        "tokenizer.json", "vision.onnx"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 
