@@ -12,7 +12,9 @@
     chat = pipe.chat("photo.jpg"); chat.ask("[vqa] How many circles?"); chat.ask("[vqa] And squares?")
 
 Loading plans memory first (nothing is loaded when the plan is over budget), then checks every file's sha256, creates
-the three sessions and the KV cache, and warms the graphs up. Prompts are built as in training: the question goes
+the sessions and the KV cache, and warms the graphs up. The vision session is created per request and released after
+it with vision="release" (runtime.budget says when "auto" chooses that), and there is no embedding session when the
+folder has a memory-mapped embedding table (runtime.embedding). Prompts are built as in training: the question goes
 through the manifest's template with the image placeholder in front (`core.prompts.build_prompt`), the tokenizer puts
 BOS first and the image token ids at the placeholder (`TextTokenizer.encode_prompt`), and the image is preprocessed with
 the manifest's size, mean and std (`core.image.preprocess_for`).
