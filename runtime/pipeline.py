@@ -171,12 +171,14 @@ class Pipeline:
             self.last_vision_load_s = self.sessions.load("vision")
             self.vision_loads += 1
         mid = time.perf_counter()
-        (feats,) = self.sessions.vision.run(None, {"pixel_values": pixels})  # [b, N, D]
-        end = time.perf_counter()
-        if release:
-            freed = self.sessions.release("vision")
-            logger.info("vision: loaded in %.2f s, ran in %.2f s, released (%.0f MiB)",
-                        self.last_vision_load_s, end - mid, freed / 2**20)  # fmt: skip
+        try:
+            (feats,) = self.sessions.vision.run(None, {"pixel_values": pixels})  # [b, N, D]
+        finally:  # released even when the run fails
+            end = time.perf_counter()
+            if release:
+                freed = self.sessions.release("vision")
+                logger.info("vision: loaded in %.2f s, ran in %.2f s, released (%.0f MiB)",
+                            self.last_vision_load_s, end - mid, freed / 2**20)  # fmt: skip
         out = np.zeros((len(images), *feats.shape[1:]), dtype=np.float32)  # [B, N, D]
         out[which] = feats
         return out, mid - start - self.last_vision_load_s, end - mid
