@@ -64,9 +64,11 @@ def test_release_and_table_give_pytorchs_tokens_and_load_vision_per_request(tiny
     for pipe in (keep, low):
         assert [pipe.generate(im, q, max_new_tokens=16).tokens for im, q in zip(imgs, QUESTIONS[:2])] == ref
     assert low.vision_loads == 2 and low.sessions.vision is None  # loaded for each image, released after
-    first_cache = low.cache
+    from runtime.kv_cache import KVCache
+
+    first_cache, allocated = low.cache, KVCache.allocations_total
     result = low.generate(imgs[0], QUESTIONS[0], max_new_tokens=4)
-    assert low.cache is not first_cache and low.loop.cache is low.cache  # the previous request's KV cache was freed
+    assert low.cache is first_cache and KVCache.allocations_total == allocated  # pages released, buffers kept
     assert result.timings.vision_load_s > 0 and result.timings.ttft_s > result.timings.vision_load_s
     assert keep.generate(imgs[0], QUESTIONS[0], max_new_tokens=4).timings.vision_load_s == 0
     chat = low.chat(imgs[1])  # a chat encodes its image once, then keeps its cache between turns
@@ -204,3 +206,17 @@ def test_cli_plan_and_answer_with_vision_release(tiny_export_dir, capsys, tmp_pa
         main([*ask, "--vision", "later"])
     assert exited.value.code == 2
     assert "argument --vision: invalid choice: 'later'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS is read from /proc (Linux)")
+def test_release_pages_hands_a_buffers_pages_back_and_keeps_it_usable():
+    from runtime.session import _resident_bytes, release_pages
+
+    buffer = np.zeros(16 << 20, dtype=np.float32)  # 64 MiB
+    buffer.fill(1.0)
+    before = _resident_bytes()
+    assert release_pages(buffer) >= (64 << 20) - 8192
+    assert before - _resident_bytes() > 60 << 20  # gone from RSS
+    assert buffer[1024:-1024].max() == 0.0 and buffer[0] == 1.0  # whole pages read as zeros; partial ones are kept
+    buffer[2048:3072] = 2.0  # still the same allocation, writable
+    assert buffer[1024:-1024].sum() == 2048.0
