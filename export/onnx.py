@@ -50,6 +50,7 @@ from core.model import TinyGPTV
 from core.tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError
 from core.weights import WEIGHTS_FILE, WeightsError
 from export.calibration import check_data
+from export.embedding_table import table_from_graph, write_table
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
 from export.gqa import ATTENTIONS
@@ -224,6 +225,8 @@ def export_folder(
             shutil.copy(Path(tokenizer_dir or model_path) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         elif is_lazy(model):
             stand_in_tokenizer(model.config).save(tmp)
+        # the embedding table beside its graph, memory-mapped by the runtime (export.embedding_table)
+        table = write_table(tmp, table_from_graph(tmp / GRAPH_FILES["embedding"]))
         validation: dict[str, Any] = {"skipped": True}
         if options.validate and is_lazy(model):
             logger.info("checking signatures and running random inputs (random weights: no PyTorch comparison)")
@@ -253,9 +256,12 @@ def export_folder(
         manifest = build_manifest(
             tmp, model.config, quantization, validation, source, _exporter(time.monotonic() - start)
         )
-        manifest["sizes"] = {"folder_bytes": folder_size(tmp)} | {
-            f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()
-        }
+        manifest["embedding_table"] = table
+        manifest["sizes"] = (
+            {"folder_bytes": folder_size(tmp)}
+            | {f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()}
+            | {"embedding_table_bytes": (tmp / table["file"]).stat().st_size}
+        )
         if quality is not None:
             manifest["quality"] = quality | {"folder_bytes": manifest["sizes"]["folder_bytes"]}
         write_manifest(tmp, manifest)

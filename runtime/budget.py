@@ -22,12 +22,24 @@ Terms (bytes):
   would be 1 GiB [1, 32, 2048, 2048] instead of 128 MiB. A GQA decoder prefills a batch of several rows in one run
   (runtime.generate), so there the step is the whole context;
 - arena: ONNX Runtime's allocator overhead on the activations (chunk rounding, fragmentation);
-- runtime: the Python interpreter, numpy, onnxruntime and its thread pools, the tokenizer; measured, not derived.
-Peak = runtime + weights + prepacked + max(load transient, KV cache + activations + arena).
+- runtime: the Python interpreter, numpy, onnxruntime and its thread pools, the tokenizer; measured, not derived;
+- embedding table: a folder with `embedding.safetensors` (export.embedding_table) is embedded by gathering rows from
+  the memory-mapped table (runtime.embedding) instead of through the embedding graph's session, so neither the graph
+  nor the table counts in `weights`; only the pages of one gather's rows are resident, and only during it (`table`:
+  context x batch rows, each rounded up to whole pages), and they are counted with the run;
+- vision "release": the vision session is loaded for each request's images and released right after encoding them,
+  and the KV cache of the previous request is released before it loads (runtime.pipeline), so the vision graph and
+  the KV cache are never resident together. Its weights are then not in `weights` but in `vision phase`: its file
+  bytes, plus the larger of its load transient (its file again) and its activations with their arena. The decoder's
+  activations no longer add the vision's, and `load transient` counts only the graphs loaded at start.
+  "keep" loads the three graphs at start and keeps them (no reload per request). "auto" keeps when that plan fits
+  the budget and releases when only the release plan fits (the reload costs seconds per image: see runtime.pipeline).
+Peak = runtime + weights + prepacked + max(load transient, KV cache + activations + arena + table, vision phase).
 """
 
 from __future__ import annotations
 
+import mmap
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -41,8 +53,10 @@ RUNTIME_OVERHEAD = {"cpu": 96 << 20, "cuda": 1536 << 20}
 # Prompt tokens per decoder run during prefill: bounds the prefill's activations (above) whatever the context, and
 # large enough that a chunk's MatMuls still run at full speed (llama.cpp's micro-batch is 512).
 PREFILL_CHUNK = 256
-ARENA_FRACTION = 0.5
-PREPACK_FRACTION = 0.4  # int4 decoder: resident bytes after load / file bytes - 1, measured 0.376 at real size  # arena overhead as a fraction of activations (power-of-two chunk growth, at most 2x)
+ARENA_FRACTION = 0.5  # arena overhead as a fraction of activations (power-of-two chunk growth, at most 2x)
+PREPACK_FRACTION = 0.4  # int4 decoder: resident bytes after load / file bytes - 1, measured 0.376 at real size
+VISION_MODES = ("auto", "keep", "release")
+EMBEDDING_MODES = ("auto", "table", "graph")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -88,14 +102,18 @@ class MemoryPlan:
     largest_context: int = 0  # the largest context (a multiple of 64, or of 16 below 64) that fits; 0 if none
     prepacked: int = 0  # int4 weights repacked by onnxruntime at load, beyond the file's bytes
     kv_layout: str = "two swapped buffers"  # or "one shared buffer" (GQA)
+    vision: str = "keep"  # "keep": the vision session stays loaded; "release": loaded per request, then released
+    embedding: str = "graph"  # "graph": the embedding graph's session; "table": rows gathered from the mapped table
+    vision_phase: int = 0  # "release": vision weights + max(their load transient, vision activations + arena)
+    table: int = 0  # "table": the table's pages one gather makes resident (context x batch rows)
 
     @property
     def run(self) -> int:
-        return self.kv_cache + self.activations + self.arena
+        return self.kv_cache + self.activations + self.arena + self.table
 
     @property
     def peak(self) -> int:
-        return self.runtime + self.weights + self.prepacked + max(self.load_transient, self.run)
+        return self.runtime + self.weights + self.prepacked + max(self.load_transient, self.run, self.vision_phase)
 
     @property
     def fits(self) -> bool:
@@ -106,15 +124,28 @@ class MemoryPlan:
 
     def describe(self) -> str:
         where = "GPU memory" if self.provider == "cuda" else "memory (RSS)"
+        kept = "graph files resident throughout" + (
+            ", vision released after each request's images" if self.vision == "release" else ""
+        )
         rows = [
-            ("weights", self.weights, "graph files and external data"),
+            ("weights", self.weights, kept),
             ("prepacked", self.prepacked, "int4 weights repacked at load (MatMulNBits)"),
             ("load transient", self.load_transient, "largest graph's protobuf, held while it loads"),
             ("KV cache", self.kv_cache, f"context {self.context:,} x batch {self.batch_size}, {self.kv_layout}"),
-            ("activations", self.activations, "largest step: full-context prefill or vision"),
+            (
+                "activations",
+                self.activations,
+                "largest step: chunked prefill" + (" or vision" if self.vision == "keep" else ""),
+            ),
             ("arena", self.arena, "allocator overhead on activations"),
+            ("table", self.table, "embedding table pages of one gather (memory-mapped)"),
+            ("vision phase", self.vision_phase, "vision loaded per request: weights + load or activations"),
             ("runtime", self.runtime, f"Python + onnxruntime ({self.provider})"),
         ]
+        if self.embedding == "graph":
+            rows = [r for r in rows if r[0] != "table"]
+        if self.vision == "keep":
+            rows = [r for r in rows if r[0] != "vision phase"]
         lines = [f"memory plan ({where}):"]
         lines += [f"  {name:<15}{format_bytes(value):>12}  {why}" for name, value, why in rows]
         verdict = "fits" if self.fits else "OVER BUDGET"
@@ -131,7 +162,12 @@ class MemoryPlan:
         if self.batch_size > 1:
             hints.append("a smaller --batch-size")
         ratio = self.weights_int4 / max(self.weights, 1)
-        int4_peak = self.runtime + self.weights_int4 + self.prepacked + max(int(self.load_transient * ratio), self.run)
+        int4_peak = (
+            self.runtime
+            + self.weights_int4
+            + self.prepacked
+            + max(int(self.load_transient * ratio), self.run, self.vision_phase)
+        )
         if self.weights_int4 < self.weights and int4_peak <= self.budget:
             hints.append(f"an int4 export (about {format_bytes(self.weights_int4)} of weights)")
         hint = "; would fit: " + " or ".join(hints) if hints else "; nothing smaller fits, raise --memory-budget"
@@ -173,6 +209,25 @@ def _decoder_activations(manifest: Manifest, context: int, batch_size: int, chun
     return batch_size * (logits + scores + hidden + embeds) * FLOAT_BYTES
 
 
+def graph_bytes(manifest: Manifest, name: str, sizes: dict[str, int]) -> int:
+    """A graph's file and its external data (`<file>.data`, or any file named `<file>.` something)."""
+    file = manifest.graphs[name].file
+    return sum(size for n, size in sizes.items() if n == file or n.startswith(file + "."))
+
+
+def uses_table(manifest: Manifest, embedding: str = "auto") -> bool:
+    """Whether the runtime embeds from the memory-mapped table: "auto" when the manifest names one."""
+    if embedding not in EMBEDDING_MODES:
+        raise RuntimeInputError(f"embedding {embedding!r}; choose one of {', '.join(EMBEDDING_MODES)}")
+    has = bool(manifest.raw.get("embedding_table"))
+    if embedding == "table" and not has:
+        raise RuntimeInputError(
+            f"{manifest.folder}: no embedding table in this folder (exported before it); use --embedding graph, "
+            "or add one with python -m export.embedding_table"
+        )
+    return has and embedding != "graph"
+
+
 def plan_memory(
     manifest: Manifest,
     context: int | None = None,
@@ -180,8 +235,23 @@ def plan_memory(
     budget: str | int = "8GB",
     provider: str = "cpu",
     search: bool = True,
+    vision: str = "keep",
+    embedding: str = "auto",
 ) -> MemoryPlan:
-    """Plan memory for running `manifest`'s export with a KV cache of `context` tokens for `batch_size` rows."""
+    """Plan memory for running `manifest`'s export with a KV cache of `context` tokens for `batch_size` rows.
+
+    vision "keep" | "release" | "auto" (keep if that fits `budget`, else release); embedding "auto" | "table" |
+    "graph" (see the module docstring).
+    """
+    if vision not in VISION_MODES:
+        raise RuntimeInputError(f"vision {vision!r}; choose one of {', '.join(VISION_MODES)}")
+    if vision == "auto":
+        kept = plan_memory(manifest, context, batch_size, budget, provider, False, "keep", embedding)
+        mode = "keep" if kept.fits else "release"
+        plan = (
+            kept if kept.fits else plan_memory(manifest, context, batch_size, budget, provider, False, mode, embedding)
+        )
+        return replace(plan, largest_context=_largest_context(plan, manifest, "auto", embedding)) if search else plan
     d = manifest.decoder
     context = d.context_length if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
@@ -194,18 +264,41 @@ def plan_memory(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise RuntimeInputError(f"batch size must be a positive integer, got {batch_size!r}")
     sizes = manifest.weight_sizes()
-    weights = sum(sizes.values())
-    graph_files = [g.file for g in manifest.graphs.values()]
-    load_transient = max((sizes.get(f, 0) for f in graph_files), default=0)
+    table = uses_table(manifest, embedding)
+    table_file = manifest.raw["embedding_table"]["file"] if manifest.raw.get("embedding_table") else None
+    sizes_all = dict(sizes)
+    if table_file is not None:  # the table file is never loaded whole; the embedding graph only without it
+        sizes.pop(table_file, None)
+    if table:
+        for name in list(sizes):
+            if graph_bytes(manifest, "embedding", {name: sizes[name]}):
+                sizes.pop(name)
+    vision_bytes = graph_bytes(manifest, "vision", sizes)
+    loaded = [
+        g for g in manifest.graphs if not (g == "embedding" and table) and not (g == "vision" and vision == "release")
+    ]
+    weights = sum(sizes.values()) - (vision_bytes if vision == "release" else 0)
+    load_transient = max((sizes.get(manifest.graphs[g].file, 0) for g in loaded), default=0)
     buffers = 1 if d.attention == "gqa" else 2  # GQA: past and present share one buffer (runtime.kv_cache)
     kv_per_token = buffers * 2 * d.num_layers * d.num_heads * d.head_size * FLOAT_BYTES * batch_size
-    activations = _decoder_activations(manifest, context, batch_size) + _vision_activations(manifest, batch_size)
+    vision_acts = _vision_activations(manifest, batch_size)
+    activations = _decoder_activations(manifest, context, batch_size) + (vision_acts if vision == "keep" else 0)
+    vision_phase = 0
+    if vision == "release":
+        vision_phase = vision_bytes + max(sizes.get(manifest.graphs["vision"].file, 0),
+                                          vision_acts + int(vision_acts * ARENA_FRACTION))  # fmt: skip
+    table_pages = 0
+    if table:  # each row read touches the pages it spans (and its int8 scale's page)
+        entry = manifest.raw["embedding_table"]
+        row = d.hidden_size * {"float32": 4, "float16": 2, "int8": 1}.get(entry.get("dtype", "float32"), 4)
+        pages = -(-row // mmap.PAGESIZE) + 1 + (1 if entry.get("scales") else 0)
+        table_pages = min(context * batch_size, d.vocab_size) * pages * mmap.PAGESIZE
     q = manifest.quantization if isinstance(manifest.quantization, dict) else {}
     dec_q = q.get("decoder") if isinstance(q.get("decoder"), dict) else {}
     already_int4 = q.get("precision") == "int4" or q.get("bits") == 4 or dec_q.get("bits") == 4
     # export.onnx's int4 quantizes the decoder's MatMuls: ~4.5 bits with a float scale per 32 weights; norms and
     # biases stay float (about 1/8 of the decoder); the vision and embedding graphs keep their precision
-    decoder_bytes = sizes.get(manifest.graphs["decoder"].file, 0)
+    decoder_bytes = sizes_all.get(manifest.graphs["decoder"].file, 0)
     weights_int4 = weights if already_int4 else int(weights - decoder_bytes * 0.875 * (1 - 4.5 / 32))
     plan = MemoryPlan(
         budget=parse_bytes(budget),
@@ -222,11 +315,15 @@ def plan_memory(
         weights_int4=weights_int4,
         prepacked=int(decoder_bytes * PREPACK_FRACTION) if already_int4 else 0,
         kv_layout="one shared buffer" if buffers == 1 else "two swapped buffers",
+        vision=vision,
+        embedding="table" if table else "graph",
+        vision_phase=vision_phase,
+        table=table_pages,
     )
-    return replace(plan, largest_context=_largest_context(plan, manifest)) if search else plan
+    return replace(plan, largest_context=_largest_context(plan, manifest, vision, embedding)) if search else plan
 
 
-def _largest_context(plan: MemoryPlan, manifest: Manifest) -> int:
+def _largest_context(plan: MemoryPlan, manifest: Manifest, vision: str = "keep", embedding: str = "auto") -> int:
     """Binary search over contexts (multiples of 64, or 16 for small models) for the largest whose plan fits."""
     if plan.fits:
         return plan.context
@@ -234,6 +331,6 @@ def _largest_context(plan: MemoryPlan, manifest: Manifest) -> int:
     low, high = 0, -(-plan.context // step)  # low fits (0 = nothing), high does not (high * step >= context)
     while high - low > 1:
         mid = (low + high) // 2
-        trial = plan_memory(manifest, mid * step, plan.batch_size, plan.budget, plan.provider, search=False)
+        trial = plan_memory(manifest, mid * step, plan.batch_size, plan.budget, plan.provider, False, vision, embedding)
         low, high = (mid, high) if trial.fits else (low, mid)
     return low * step

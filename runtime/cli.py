@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from core.image import load_image
-from runtime.budget import plan_memory
+from runtime.budget import EMBEDDING_MODES, VISION_MODES, plan_memory
 from runtime.errors import INPUT_ERRORS, RuntimeInputError
 from runtime.generate import GenerationResult
 from runtime.manifest import read_manifest
@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-budget", default="8GB", help="refuse to load above this (default 8GB; binary units)")
     r.add_argument("--context", type=int, default=None, help="KV cache length (default: the model's)")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files (trusted folders)")
+    r.add_argument("--vision", default="auto", choices=VISION_MODES,
+                   help="keep: the vision graph stays loaded; release: loaded per image and released before the "
+                   "prompt runs (less memory, a reload per image); auto (default): keep if the plan fits the budget")  # fmt: skip
+    r.add_argument("--embedding", default="auto", choices=EMBEDDING_MODES,
+                   help="table: gather from the folder's memory-mapped embedding table; graph: the embedding graph; "
+                   "auto (default): the table when the folder has one")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
     return p
 
@@ -169,7 +175,8 @@ def run_single(pipe: Any, args: argparse.Namespace, image: Any) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.model)
-    plan = plan_memory(manifest, args.context, args.batch_size, args.memory_budget, args.provider)
+    plan = plan_memory(manifest, args.context, args.batch_size, args.memory_budget, args.provider,
+                       vision=args.vision, embedding=args.embedding)  # fmt: skip
     if args.json:
         print(json.dumps(plan.to_dict()))
     else:
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe = Pipeline.load(
             args.model, provider=args.provider, threads=args.threads, memory_budget=args.memory_budget,
-            context=args.context, batch_size=args.batch_size, verify=not args.no_verify,
+            context=args.context, batch_size=args.batch_size, verify=not args.no_verify, vision=args.vision,
+            embedding=args.embedding,
         )  # fmt: skip
         if args.chat:
             from runtime.cli_chat import run_chat

@@ -24,6 +24,7 @@ from core.boxes import parse_boxes, parse_grounded
 from core.prompts import cut_at_stop, holds_stop_prefix
 from core.tokenizer import TextTokenizer
 from runtime.budget import PREFILL_CHUNK
+from runtime.embedding import EmbeddingTable
 from runtime.errors import ContextError
 from runtime.kv_cache import KVCache
 from runtime.sampling import Sampler
@@ -125,6 +126,7 @@ class TextStream:
 class Timings:
     preprocess_s: float = 0.0  # image load + resize + normalise
     vision_s: float = 0.0  # vision graph
+    vision_load_s: float = 0.0  # loading the vision graph for this request (vision "release"), not in vision_s
     prefill_s: float = 0.0  # embedding + decoder over the prompt
     ttft_s: float = 0.0  # call start -> first token chosen
     decode_s: float = 0.0  # first token -> last token
@@ -143,7 +145,8 @@ class Timings:
     def describe(self) -> str:
         return (
             f"preprocess {self.preprocess_s * 1e3:.1f} ms | vision {self.vision_s * 1e3:.1f} ms | "
-            f"prefill {self.prefill_s * 1e3:.1f} ms | first token {self.ttft_s * 1e3:.1f} ms | "
+            + (f"vision load {self.vision_load_s * 1e3:.1f} ms | " if self.vision_load_s else "")
+            + f"prefill {self.prefill_s * 1e3:.1f} ms | first token {self.ttft_s * 1e3:.1f} ms | "
             f"decode {self.decode_tokens} tokens at {self.decode_tokens_per_s:.1f} tokens/s | "
             f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
         )
@@ -183,9 +186,16 @@ class DecodeLoop:
     Prefill runs the prompt `prefill_chunk` tokens at a time (see runtime.budget: the plan counts one chunk).
     """
 
-    def __init__(self, sessions: Sessions, cache: KVCache, prefill_chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        cache: KVCache,
+        prefill_chunk: int = PREFILL_CHUNK,
+        table: EmbeddingTable | None = None,
+    ) -> None:
         d = sessions.manifest.decoder
         self.sessions, self.cache, self.spec = sessions, cache, d
+        self.table = table  # embeddings gathered from the mapped table (runtime.embedding); None: the embedding graph
         self.prefill_chunk = prefill_chunk
         self.image_token_id = sessions.manifest.image_token_id
         self.device = sessions.device_type
@@ -194,11 +204,13 @@ class DecodeLoop:
         self.no_image = np.zeros((B, 1, d.hidden_size), dtype=np.float32)  # [B, 1, D]: text-only rows
         self.step_embeds = np.zeros((B, 1, d.hidden_size), dtype=np.float32)  # [B, 1, D]
         self.step_logits = np.zeros((B, 1, d.vocab_size), dtype=np.float32)  # [B, 1, V]
-        self.embed_binding = sessions.embedding.io_binding()
+        self.embed_binding = sessions.embedding.io_binding() if table is None else None
         self.decoder_binding = sessions.decoder.io_binding()
 
     def embed(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         """ids [rows, T] int64, features [rows, N, D] or None -> inputs_embeds [rows, T, D]."""
+        if self.table is not None:
+            return self.table.embed(ids, features)  # [rows, T, D]
         rows = ids.shape[0]
         feeds = {"input_ids": ids, "image_features": features if features is not None else self.no_image[:rows]}
         (embeds,) = self.sessions.embedding.run(None, feeds)  # [rows, T, D]
@@ -259,11 +271,14 @@ class DecodeLoop:
         ids = self.step_ids[:rows]
         ids[:, 0] = next_ids
         embeds = self.step_embeds[:rows]  # [rows, 1, D]
-        e = self.embed_binding
-        e.bind_cpu_input("input_ids", ids)
-        e.bind_cpu_input("image_features", self.no_image[:rows])
-        e.bind_output("inputs_embeds", "cpu", 0, np.float32, list(embeds.shape), embeds.ctypes.data)
-        self.sessions.embedding.run_with_iobinding(e)
+        if self.table is not None:
+            self.table.rows(ids, out=embeds)
+        else:
+            e = self.embed_binding
+            e.bind_cpu_input("input_ids", ids)
+            e.bind_cpu_input("image_features", self.no_image[:rows])
+            e.bind_output("inputs_embeds", "cpu", 0, np.float32, list(embeds.shape), embeds.ctypes.data)
+            self.sessions.embedding.run_with_iobinding(e)
         self._run_decoder(embeds.ctypes.data, list(embeds.shape), np.ones((rows, 1), dtype=np.int64), logits_out=True)
         return self.step_logits[:rows, 0]  # [rows, V]
 

@@ -12,7 +12,9 @@
     chat = pipe.chat("photo.jpg"); chat.ask("[vqa] How many circles?"); chat.ask("[vqa] And squares?")
 
 Loading plans memory first (nothing is loaded when the plan is over budget), then checks every file's sha256, creates
-the three sessions and the KV cache, and warms the graphs up. Prompts are built as in training: the question goes
+the sessions and the KV cache, and warms the graphs up. The vision session is created per request and released after
+it with vision="release" (runtime.budget says when "auto" chooses that), and there is no embedding session when the
+folder has a memory-mapped embedding table (runtime.embedding). Prompts are built as in training: the question goes
 through the manifest's template with the image placeholder in front (`core.prompts.build_prompt`), the tokenizer puts
 BOS first and the image token ids at the placeholder (`TextTokenizer.encode_prompt`), and the image is preprocessed with
 the manifest's size, mean and std (`core.image.preprocess_for`).
@@ -34,6 +36,7 @@ from core.prompts import IMAGE_PLACEHOLDER, IMAGE_TEXT, build_prompt
 from core.tokenizer import TextTokenizer
 from runtime.budget import MemoryPlan, plan_memory
 from runtime.chat import Chat
+from runtime.embedding import EmbeddingTable
 from runtime.errors import ManifestError, RuntimeInputError
 from runtime.generate import (
     DecodeLoop,
@@ -48,7 +51,7 @@ from runtime.generate import (
 from runtime.kv_cache import KVCache
 from runtime.manifest import Manifest, read_manifest
 from runtime.sampling import Sampler, SamplingParams
-from runtime.session import Sessions, resolve_provider
+from runtime.session import Sessions, release_pages, resolve_provider
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +80,19 @@ class Stream:
 
 class Pipeline:
     def __init__(
-        self, manifest: Manifest, plan: MemoryPlan, tokenizer: TextTokenizer, sessions: Sessions, cache: KVCache
+        self,
+        manifest: Manifest,
+        plan: MemoryPlan,
+        tokenizer: TextTokenizer,
+        sessions: Sessions,
+        cache: KVCache,
+        table: EmbeddingTable | None = None,
     ) -> None:
         self.manifest, self.plan, self.tokenizer, self.sessions, self.cache = manifest, plan, tokenizer, sessions, cache
-        self.loop = DecodeLoop(sessions, cache)
+        self.table = table
+        self.loop = DecodeLoop(sessions, cache, table=table)
+        self.vision_loads = 0  # vision sessions created for requests (vision "release")
+        self.last_vision_load_s = 0.0
         self.template = manifest.prompt.template
         self.stop_strings = manifest.prompt.stop_strings
         self.stop_ids = (manifest.eos_token_id,)
@@ -96,11 +108,20 @@ class Pipeline:
         batch_size: int = 1,
         verify: bool = True,
         warm_up: bool = True,
+        vision: str = "auto",
+        embedding: str = "auto",
     ) -> Pipeline:
-        """Plan, verify, load and warm up an export folder. Raises a RuntimeInputError subclass on bad input."""
+        """Plan, verify, load and warm up an export folder. Raises a RuntimeInputError subclass on bad input.
+
+        vision: "keep" loads the vision graph now and keeps it; "release" loads it for each request's images and
+        releases it (and the previous request's KV cache) before the prompt is prefilled, which costs a reload per
+        image; "auto" keeps it when that plan fits `memory_budget`, else releases (runtime.budget).
+        embedding: "auto" gathers from the folder's memory-mapped table when it has one (runtime.embedding), else runs
+        the embedding graph; "table" or "graph" forces one.
+        """
         resolve_provider(provider)
         manifest = read_manifest(model_dir)
-        plan = plan_memory(manifest, context, batch_size, memory_budget, provider)
+        plan = plan_memory(manifest, context, batch_size, memory_budget, provider, vision=vision, embedding=embedding)
         plan.check()
         if (manifest.prompt.image_text, manifest.prompt.placeholder) != (IMAGE_TEXT, IMAGE_PLACEHOLDER):
             raise ManifestError(
@@ -118,27 +139,58 @@ class Pipeline:
         tokenizer = TextTokenizer.from_dir(
             manifest.folder, manifest.bos_token_id, manifest.eos_token_id, manifest.image_token_id
         )
-        sessions = Sessions.create(manifest, provider, threads)
+        table = EmbeddingTable.open(manifest) if plan.embedding == "table" else None
+        graphs = tuple(g for g, skip in (("vision", plan.vision == "release"), ("embedding", table is not None),
+                                         ("decoder", False)) if not skip)  # fmt: skip
+        sessions = Sessions.create(manifest, provider, threads, graphs)
         cache = KVCache(manifest.decoder, plan.batch_size, plan.context, sessions.device_type)
-        pipe = cls(manifest, plan, tokenizer, sessions, cache)
+        pipe = cls(manifest, plan, tokenizer, sessions, cache, table)
+        logger.info("vision %s, embedding %s; planned peak %.2f GiB", plan.vision, plan.embedding, plan.peak / 2**30)
         if warm_up:
             sessions.warm_up()
         return pipe
 
     # --- inputs
     def encode_images(self, images: Sequence[ImageInput | None]) -> tuple[np.ndarray | None, float, float]:
-        """Images (None for a text-only row) -> (features [B, N, D] or None, preprocess seconds, vision seconds)."""
+        """Images (None for a text-only row) -> (features [B, N, D] or None, preprocess seconds, vision seconds).
+
+        With vision "release" the vision graph is loaded first and released after (`last_vision_load_s` says how
+        long the load took; it is not in the vision seconds), and the KV cache is emptied before it loads: an image
+        starts a new conversation, so what the cache holds is not needed, and its pages go back to the system until
+        the prefill writes them again.
+        """
+        self.last_vision_load_s = 0.0
         if all(im is None for im in images):
             return None, 0.0, 0.0
         start = time.perf_counter()
         which = [i for i, im in enumerate(images) if im is not None]
         pixels = np.stack([preprocess_for(images[i], self.manifest.image) for i in which])  # [b, 3, S, S]
+        release = self.plan.vision == "release"
+        if release and self.sessions.vision is None:
+            self._fresh_cache()
+            self.last_vision_load_s = self.sessions.load("vision")
+            self.vision_loads += 1
         mid = time.perf_counter()
-        (feats,) = self.sessions.vision.run(None, {"pixel_values": pixels})  # [b, N, D]
-        end = time.perf_counter()
+        try:
+            (feats,) = self.sessions.vision.run(None, {"pixel_values": pixels})  # [b, N, D]
+        finally:  # released even when the run fails
+            end = time.perf_counter()
+            if release:
+                freed = self.sessions.release("vision")
+                logger.info("vision: loaded in %.2f s, ran in %.2f s, released (%.0f MiB)",
+                            self.last_vision_load_s, end - mid, freed / 2**20)  # fmt: skip
         out = np.zeros((len(images), *feats.shape[1:]), dtype=np.float32)  # [B, N, D]
         out[which] = feats
-        return out, mid - start, end - mid
+        return out, mid - start - self.last_vision_load_s, end - mid
+
+    def _fresh_cache(self) -> None:
+        """Give the KV cache's pages back to the system (its buffers stay allocated, and read as zeros until the next
+        prefill writes them), so the vision graph loads and runs beside no resident KV cache. Reallocating the cache
+        instead does not work: glibc serves same-sized buffers from the freed heap and calloc writes zeros into them,
+        which made them resident again (measured: +0.61 GiB on the second request at context 512)."""
+        self.cache.start(self.cache.rows)  # what the buffers held is gone: the cache is empty
+        released = sum(release_pages(buffer) for side in self.cache.buffers for kv in side for buffer in kv)
+        logger.info("KV cache: %.0f MiB of pages released before the vision graph loads", released / 2**20)
 
     def prompt_ids(self, prompt: str, image: bool, bos: bool = True) -> list[int]:
         """One user turn -> token ids: template applied, image placeholder in front when there is an image."""
@@ -273,6 +325,7 @@ class Pipeline:
         feats = features
         if image is not None:
             feats, timings.preprocess_s, timings.vision_s = self.encode_images([image])
+            timings.vision_load_s = self.last_vision_load_s
         holder: list[Stream] = []
 
         def steps() -> Iterator[str]:
@@ -335,6 +388,7 @@ class Pipeline:
             rows = [self.request_ids(image, *_text_or_ids(prompt)) for image, prompt in chunk]
             check_context(self.loop, rows, max_new_tokens)
             feats, timings.preprocess_s, timings.vision_s = self.encode_images([image for image, _ in chunk])
+            timings.vision_load_s = self.last_vision_load_s
             streams = [TextStream(self.tokenizer, stops, min_new_tokens) for _ in chunk]
             state = RunState(rows=len(chunk))
             for _ in run_tokens(

@@ -78,6 +78,26 @@ def release_freed_memory() -> int:
     return max(before - _resident_bytes(), 0)
 
 
+def release_pages(array: np.ndarray) -> int:
+    """Hand the whole pages of `array`'s buffer back to the system (madvise MADV_DONTNEED; Linux): they read as zeros
+    afterwards and take no memory until written again. For buffers whose content is no longer needed but whose
+    allocation stays (a KV cache between requests). Returns the bytes advised (0 where madvise is not available)."""
+    name = ctypes.util.find_library("c")
+    try:
+        madvise = ctypes.CDLL(name).madvise if name else None
+    except (OSError, AttributeError):
+        madvise = None
+    if madvise is None or not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+        return 0
+    page = 4096
+    first = -(-array.ctypes.data // page) * page  # whole pages inside the buffer only
+    last = (array.ctypes.data + array.nbytes) // page * page
+    if last <= first:
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return last - first if madvise(first, last - first, 4) == 0 else 0  # 4 = MADV_DONTNEED
+
+
 def _resident_bytes() -> int:
     try:
         with open("/proc/self/statm", encoding="ascii") as statm:
@@ -101,8 +121,11 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest, name: str) -> N
 
 @dataclass
 class Sessions:
-    vision: ort.InferenceSession
-    embedding: ort.InferenceSession
+    """The graphs' sessions. `vision` is None while released (vision "release"), `embedding` None when the runtime
+    embeds from the memory-mapped table (runtime.embedding); `load` and `release` (re)load and drop one graph."""
+
+    vision: ort.InferenceSession | None
+    embedding: ort.InferenceSession | None
     decoder: ort.InferenceSession
     manifest: Manifest
     provider: str
@@ -115,34 +138,63 @@ class Sessions:
         return "cuda" if self.provider == "cuda" else "cpu"
 
     @classmethod
-    def create(cls, manifest: Manifest, provider: str = "cpu", threads: int | None = None) -> Sessions:
-        providers = resolve_provider(provider)
-        opts = session_options(threads)
+    def create(
+        cls,
+        manifest: Manifest,
+        provider: str = "cpu",
+        threads: int | None = None,
+        graphs: tuple[str, ...] = ("vision", "embedding", "decoder"),
+    ) -> Sessions:
+        """Load `graphs` (the decoder always), in order; the others stay None until `load`."""
+        sessions = cls(None, None, None, manifest, provider, threads)  # type: ignore[arg-type]
         start = time.perf_counter()
-        sessions, trimmed = {}, 0
-        for name in ("vision", "embedding", "decoder"):
-            path = manifest.path(manifest.graphs[name].file)
-            try:
-                sessions[name] = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-            except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ManifestError(f"{path}: onnxruntime cannot load this graph ({first})") from None
-            _check_io(sessions[name], manifest, name)
-            trimmed += release_freed_memory()  # before the next graph loads: lowers the peak of loading too
-        seconds = time.perf_counter() - start
-        logger.info("loaded 3 graphs from %s in %.2f s (%s, threads=%s); %.0f MiB of load buffers released",
-                    manifest.folder, seconds, provider, threads, trimmed / 2**20)  # fmt: skip
-        return cls(**sessions, manifest=manifest, provider=provider, threads=threads, load_seconds=seconds,
-                   trimmed_bytes=trimmed)  # fmt: skip
+        for name in graphs:
+            sessions.load(name)
+        if sessions.decoder is None:
+            sessions.load("decoder")
+        sessions.load_seconds = time.perf_counter() - start
+        logger.info("loaded %s from %s in %.2f s (%s, threads=%s); %.0f MiB of load buffers released",
+                    ", ".join(graphs), manifest.folder, sessions.load_seconds, provider, threads,
+                    sessions.trimmed_bytes / 2**20)  # fmt: skip
+        return sessions
+
+    def load(self, name: str) -> float:
+        """Create the session of graph `name` (vision, embedding or decoder); returns the seconds it took."""
+        start = time.perf_counter()
+        path = self.manifest.path(self.manifest.graphs[name].file)
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=session_options(self.threads), providers=resolve_provider(self.provider)
+            )
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ManifestError(f"{path}: onnxruntime cannot load this graph ({first})") from None
+        _check_io(session, self.manifest, name)
+        setattr(self, name, session)
+        self.trimmed_bytes += release_freed_memory()  # before the next graph loads: lowers the peak of loading too
+        return time.perf_counter() - start
+
+    def release(self, name: str) -> int:
+        """Drop graph `name`'s session (its weights, prepacked buffers and arena); returns the RSS bytes that went."""
+        if getattr(self, name) is None:
+            return 0
+        before = _resident_bytes()
+        setattr(self, name, None)  # the only reference: onnxruntime frees the session now
+        release_freed_memory()
+        return max(before - _resident_bytes(), 0)
 
     def warm_up(self) -> float:
-        """Run each graph once on the smallest inputs (batch 1, 2 tokens); returns the seconds it took."""
+        """Run each loaded graph once on the smallest inputs (batch 1, 2 tokens); returns the seconds it took."""
         m, d = self.manifest, self.manifest.decoder
         start = time.perf_counter()
-        pixels = np.zeros((1, 3, m.image.size, m.image.size), dtype=np.float32)  # [1, 3, S, S]
-        (features,) = self.vision.run(None, {"pixel_values": pixels})  # [1, N, D]
-        ids = np.full((1, 2), m.bos_token_id, dtype=np.int64)  # [1, 2]
-        (embeds,) = self.embedding.run(None, {"input_ids": ids, "image_features": features})  # [1, 2, D]
+        features = np.zeros((1, m.num_image_tokens, d.hidden_size), dtype=np.float32)  # [1, N, D]
+        if self.vision is not None:
+            pixels = np.zeros((1, 3, m.image.size, m.image.size), dtype=np.float32)  # [1, 3, S, S]
+            (features,) = self.vision.run(None, {"pixel_values": pixels})  # [1, N, D]
+        embeds = np.zeros((1, 2, d.hidden_size), dtype=np.float32)  # [1, 2, D]
+        if self.embedding is not None:
+            ids = np.full((1, 2), m.bos_token_id, dtype=np.int64)  # [1, 2]
+            (embeds,) = self.embedding.run(None, {"input_ids": ids, "image_features": features})  # [1, 2, D]
         feeds = {
             "inputs_embeds": embeds,
             "attention_mask": np.ones((1, 2), dtype=np.int64),
@@ -155,5 +207,5 @@ class Sessions:
             feeds[d.past_value(layer)] = empty
         self.decoder.run(["logits"], feeds)
         seconds = time.perf_counter() - start
-        logger.info("warm-up of 3 graphs: %.3f s", seconds)
+        logger.info("warm-up: %.3f s", seconds)
         return seconds

@@ -78,8 +78,11 @@ def test_manifest_describes_the_folder(tiny_model_dir, tiny_export_dir):
     assert manifest["schema_version"] == 1
     assert manifest["source"]["checkpoint_sha256"] == sha256_file(tiny_model_dir / "model.safetensors")
     assert manifest["files"] == {
-        name: sha256_file(tiny_export_dir / name) for name in ("genai_config.json", "tokenizer.json")
+        name: sha256_file(tiny_export_dir / name)
+        for name in ("embedding.safetensors", "genai_config.json", "tokenizer.json")
     }
+    assert manifest["embedding_table"] == {  # the embedding graph's table, for runtime.embedding's memory map
+        "file": "embedding.safetensors", "weight": "embed_tokens.weight", "dtype": "float32", "shape": [128, 64]}  # fmt: skip
     assert manifest["decoder"] == {
         "kv_templates": {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
                          "present_key": "present.%d.key", "present_value": "present.%d.value"},
@@ -119,7 +122,8 @@ def test_refuses_existing_folder_and_force_replaces_it(tiny_model_dir, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     export_onnx.export_folder(out, tiny_model_dir, force=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "decoder.onnx", "embedding.onnx", "genai_config.json", "manifest.json", "tokenizer.json", "vision.onnx"]  # fmt: skip
+        "decoder.onnx", "embedding.onnx", "embedding.safetensors", "genai_config.json", "manifest.json",
+        "tokenizer.json", "vision.onnx"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 

@@ -36,7 +36,14 @@ class OursRunner:
         c = self.config
         manifest = read_manifest(c.model)  # the manifest only: nothing loaded yet
         weights = decode_bytes_in_child(manifest.path(manifest.graphs["decoder"].file))
-        self.pipe = Pipeline.load(c.model, threads=c.threads, memory_budget=c.memory_budget, context=c.context)
+        self.pipe = Pipeline.load(
+            c.model,
+            threads=c.threads,
+            memory_budget=c.memory_budget,
+            context=c.context,
+            vision=c.options.get("vision", "auto"),
+            embedding=c.options.get("embedding", "auto"),
+        )
         m = self.pipe.manifest
         d = m.decoder
         mean_context = c.prompt_tokens + c.new_tokens / 2
@@ -65,6 +72,8 @@ class OursRunner:
         phases = {"prefill": int(t.prefill_s * 1e9)}
         if c.image:
             phases["preprocess"], phases["vision"] = int(t.preprocess_s * 1e9), int(t.vision_s * 1e9)
+            if t.vision_load_s:  # vision "release": the graph is loaded for each request
+                phases["vision_load"] = int(t.vision_load_s * 1e9)
         self.last_tokens = list(result.tokens)
         return Sample(start, end, [start + int(sec * 1e9) for sec in t.token_times], phases)
 
