@@ -19,7 +19,7 @@ from runtime.budget import plan_memory
 from runtime.kv_cache import KVCache
 from runtime.manifest import read_manifest
 from tests.conftest import make_tiny_model_dir
-from tests.test_runtime import QUESTIONS, images
+from tests.test_runtime import QUESTIONS, assert_cache_holds_pytorch_kv, images
 
 ROPE_INSIDE = {"num_heads": 2, "partial_rotary_factor": 0.5}  # head size 32, 16 rotary dims
 
@@ -119,21 +119,10 @@ def test_gqa_cache_is_one_buffer_bound_as_past_and_present(gqa_dir, tiny_model_d
     assert {o.data_ptr() for o in outputs[1:]} == pointers  # every present written into the cache's own buffers
     assert outputs[1].shape() == [1, d.num_heads, cache.context, d.head_size]
     # what the buffers hold is PyTorch's cache for the same tokens (rotary by our positions: one row, no padding)
-    torch = pytest.importorskip("torch")
-    from core.image import preprocess_for
     from core.model import TinyGPTV
-    from core.phi import position_ids_from_mask
 
     model = TinyGPTV.from_pretrained(tiny_model_dir).eval()
-    ids = torch.tensor([pipe.prompt_ids(QUESTIONS[0], True) + result.tokens[:-1]])
-    with torch.no_grad():
-        feats = model.encode_image(torch.from_numpy(preprocess_for(image, model.config.image))[None])
-        mask = torch.ones_like(ids)
-        _, present = model.decode(model.embed(ids, feats), mask, position_ids_from_mask(mask, ids.shape[1]), None)
-    key, value = cache.layer(1)
-    assert key.shape == tuple(present[1][0].shape)
-    np.testing.assert_allclose(key, present[1][0].numpy(), atol=1e-4)
-    np.testing.assert_allclose(value, present[1][1].numpy(), atol=1e-4)
+    assert_cache_holds_pytorch_kv(model, pipe, image, QUESTIONS[0], result.tokens)
 
 
 @pytest.mark.parametrize("model, folder", [("tiny_model_dir", "gqa_dir"), ("rope_model_dir", "rope_gqa_dir")])

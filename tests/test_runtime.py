@@ -25,6 +25,24 @@ def images(n=3, seed=0):
     return [(rng.random((30 + 7 * i, 40, 3)) * 255).astype(np.uint8) for i in range(n)]
 
 
+def assert_cache_holds_pytorch_kv(model, pipe: Pipeline, image, question: str, tokens: list[int]) -> None:
+    """Layer 1 of the pipeline's KV cache equals PyTorch's cache for the prompt plus every generated token fed so far
+    (one row, no padding: rotary positions agree whatever the cache layout)."""
+    torch = pytest.importorskip("torch")
+    from core.image import preprocess_for
+    from core.phi import position_ids_from_mask
+
+    ids = torch.tensor([pipe.prompt_ids(question, True) + tokens[:-1]])  # the last token was sampled, never fed
+    with torch.no_grad():
+        feats = model.encode_image(torch.from_numpy(preprocess_for(image, model.config.image))[None])
+        mask = torch.ones_like(ids)
+        _, present = model.decode(model.embed(ids, feats), mask, position_ids_from_mask(mask, ids.shape[1]), None)
+    key, value = pipe.cache.layer(1)
+    assert key.shape == tuple(present[1][0].shape)
+    np.testing.assert_allclose(key, present[1][0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(value, present[1][1].numpy(), atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_export_dir):
     return Pipeline.load(tiny_export_dir, threads=1, batch_size=3)
@@ -136,20 +154,7 @@ def test_kv_buffers_are_allocated_once_and_written_in_place(pipe, reference):
     kv_bytes = 2 * d.num_layers * d.num_heads * cache.length * d.head_size * 4  # [L, 2, 1, H, P, hs] float32
     assert peak - before < kv_bytes / 2, f"{peak - before} bytes held by decode steps: something grows"
     # and what is in them is the PyTorch model's cache for the same tokens
-    torch = pytest.importorskip("torch")
-    from core.image import preprocess_for
-    from core.phi import position_ids_from_mask
-
-    model = reference.model
-    ids = torch.tensor([pipe.prompt_ids(QUESTIONS[0], True) + result.tokens[:-1]])  # every token fed so far
-    with torch.no_grad():
-        feats = model.encode_image(torch.from_numpy(preprocess_for(image, model.config.image))[None])
-        mask = torch.ones_like(ids)
-        _, present = model.decode(model.embed(ids, feats), mask, position_ids_from_mask(mask, ids.shape[1]), None)
-    key, value = cache.layer(1)
-    assert key.shape == tuple(present[1][0].shape)
-    np.testing.assert_allclose(key, present[1][0].numpy(), atol=1e-4)
-    np.testing.assert_allclose(value, present[1][1].numpy(), atol=1e-4)
+    assert_cache_holds_pytorch_kv(reference.model, pipe, image, QUESTIONS[0], result.tokens)
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}])
