@@ -6,9 +6,9 @@
 
 Why: the embedding graph holds the whole table as an initializer, so its session keeps it resident (Phi-2: 51,200 x
 2,560 float32 = 0.52 GB), although a prompt reads at most a few thousand of its rows. Mapped from the file, only the
-pages of the rows a gather reads become resident, and they are handed back right after it (madvise MADV_DONTNEED on
-the read-only mapping: the pages stay in the kernel's page cache but leave this process's RSS), so the resident cost is
-one gather's rows, bounded by the context. The file is safetensors (`embedding.safetensors`, written by
+pages of the rows a gather reads become resident, and those pages are handed back right after it (madvise
+MADV_DONTNEED over just those rows of the read-only mapping: the pages stay in the kernel's page cache but leave this
+process's RSS), so the resident cost is one gather's rows, bounded by the context. The file is safetensors (`embedding.safetensors`, written by
 export.embedding_table) and is read here with numpy alone: an 8-byte header length, a JSON header, the raw tensors.
 
 Semantics are the embedding graph's (`core.model.TinyGPTV.embed`): image ids take the row's image vectors in order,
@@ -55,6 +55,9 @@ class EmbeddingTable:
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self.weight = self._view(header, weight, start)  # [V, D]
         self.scales = None if scales is None else self._view(header, scales, start).reshape(-1, 1)  # [V, 1]
+        # (byte offset in the mapping, bytes per row) of each tensor the gather reads, for releasing just its rows
+        self._spans = [(start + header[name]["data_offsets"][0], array.strides[0])
+                       for name, array in ((weight, self.weight), (scales, self.scales)) if array is not None]  # fmt: skip
         self.vocab_size, self.hidden_size = self.weight.shape
         self.dtype = self.weight.dtype
         self.image_token_id = image_token_id
@@ -103,7 +106,7 @@ class EmbeddingTable:
             target[:] = self.weight[flat]  # float16 / int8 -> float32
         if self.scales is not None:
             target *= self.scales[flat]
-        self.release()
+        self._release_rows(flat)
         return out
 
     def embed(self, ids: np.ndarray, features: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
@@ -118,6 +121,19 @@ class EmbeddingTable:
                 index = np.clip(np.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)  # [B, T]
                 embeds[rows, cols] = features[rows, index[rows, cols]]
         return embeds
+
+    def _release_rows(self, ids: np.ndarray) -> None:
+        """Hand back the pages of the rows `ids` only: one madvise per run of consecutive ids, so a decode step (one
+        row per sequence) costs a few system calls instead of a walk over the whole mapping."""
+        if not (hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED")) or ids.size == 0:
+            return
+        ids = np.unique(ids)  # sorted
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        for first, last in zip(ids[np.r_[0, breaks]].tolist(), ids[np.r_[breaks - 1, ids.size - 1]].tolist()):
+            for offset, row in self._spans:
+                begin, end = offset + first * row, offset + (last + 1) * row
+                begin -= begin % PAGE  # madvise wants a page-aligned start; neighbouring rows just fault in again
+                self._map.madvise(mmap.MADV_DONTNEED, begin, min(end, len(self._map)) - begin)
 
     def release(self) -> None:
         """Hand the mapped pages read so far back (they leave RSS; the page cache keeps them for the next read)."""

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import mmap
 import time
 from dataclasses import dataclass
 
@@ -64,13 +66,19 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
+@functools.cache
+def _libc_function(name: str):
+    """A C library function by name, looked up once (find_library runs a subprocess); None where there is none."""
+    library = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(library), name) if library else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): no such function this way
+        return None
+
+
 def release_freed_memory() -> int:
     """Give the C heap's free pages back to the system (glibc malloc_trim); the bytes of RSS that went, 0 elsewhere."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim this way
-        trim = None
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return 0
     before = _resident_bytes()
@@ -82,14 +90,10 @@ def release_pages(array: np.ndarray) -> int:
     """Hand the whole pages of `array`'s buffer back to the system (madvise MADV_DONTNEED; Linux): they read as zeros
     afterwards and take no memory until written again. For buffers whose content is no longer needed but whose
     allocation stays (a KV cache between requests). Returns the bytes advised (0 where madvise is not available)."""
-    name = ctypes.util.find_library("c")
-    try:
-        madvise = ctypes.CDLL(name).madvise if name else None
-    except (OSError, AttributeError):
-        madvise = None
+    madvise = _libc_function("madvise")
     if madvise is None or not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
         return 0
-    page = 4096
+    page = mmap.PAGESIZE
     first = -(-array.ctypes.data // page) * page  # whole pages inside the buffer only
     last = (array.ctypes.data + array.nbytes) // page * page
     if last <= first:
