@@ -8,15 +8,16 @@ Steps (each model is kept under --out/models and reused by later runs unless --r
 1. stock Phi-2 weights: our PhiDecoder with TinyGPT-V's changes switched off (no q/k LayerNorm, no RMSNorm), random
    (std 0.02), written as a Hugging Face Phi folder with a stand-in byte-level tokenizer (<|endoftext|> = 50256);
 2. ours: the same weights through our exporter (`export.onnx`, --precision int4 --quant rtn --symmetric by default,
-   like the builder's default RTN: symmetric, block 32, accuracy level 4), with a small vision part in front (the
-   decoder is what is compared);
+   like the builder's default RTN: symmetric, block 32, accuracy level 4; the default --attention, GroupQueryAttention
+   with a shared KV buffer), with a small vision part in front (the decoder is what is compared);
 3. the builder: `python -m onnxruntime_genai.models.builder -i PHI -o DIR -p int4 -e cpu` (fused attention, rotary,
    SkipLayerNorm);
 4. llama.cpp: convert_hf_to_gguf.py + llama-quantize Q4_0 (skipped with a note if llama.cpp is not built:
    `python -m benchmarks.runners.llama_cpp --build`);
 5. the sweep: ours (our runtime), ours through onnxruntime-genai, the builder's graph through onnxruntime-genai,
-   llama-bench, transformers bf16 (and, named in --runtimes, ours-gqa / ours-gqa-genai: our export with
-   --attention gqa, GroupQueryAttention and a shared KV buffer); text prompts of exactly --prompt-tokens synthetic ids, exactly --new-tokens.
+   llama-bench, transformers bf16 (and, named in --runtimes, ours-plain / ours-plain-genai: our export with
+   --attention plain, past in and past + new out); text prompts of exactly --prompt-tokens synthetic ids, exactly
+   --new-tokens.
 Each build step runs in its own process, so its memory is returned before the next one.
 
 On a machine shared with other work, prefer --threads 1 for comparisons: with 2 threads on 2 oversubscribed cores,
@@ -43,7 +44,7 @@ logger = logging.getLogger("benchmarks.peers")
 
 EOS = 50256  # Phi-2's <|endoftext|>
 RUNTIMES = ("ours", "ours-genai", "builder", "llama-cpp", "transformers")
-GQA_RUNTIMES = ("ours-gqa", "ours-gqa-genai")  # the same, exported with --attention gqa (export.gqa); on request
+PLAIN_RUNTIMES = ("ours-plain", "ours-plain-genai")  # the same, exported with --attention plain; on request
 
 
 def stand_in_tokenizer(path: Path) -> None:
@@ -86,7 +87,7 @@ def make_stock_phi(path: Path, layers: int, seed: int = 0) -> Path:
     return path
 
 
-def export_ours(phi: Path, out: Path, precision: str, quant: str, attention: str = "plain") -> None:
+def export_ours(phi: Path, out: Path, precision: str, quant: str, attention: str = "auto") -> None:
     """Our exporter on the stock weights: a TinyGPT-V with the demo's small vision part and Phi-2 as the LM."""
     from core.config import LanguageModelConfig, ModelConfig, PromptConfig
     from core.model import TinyGPTV
@@ -139,8 +140,8 @@ def prepare(models: Path, layers: int, precision: str, quant: str, wanted: set[s
         shutil.rmtree(models, ignore_errors=True)
     models.mkdir(parents=True, exist_ok=True)
     phi = models / f"phi2-l{layers}"
-    paths = {"phi": phi, "ours": models / f"ours-{precision}-l{layers}",
-             "ours-gqa": models / f"ours-gqa-{precision}-l{layers}",
+    paths = {"phi": phi, "ours": models / f"ours-gqa-{precision}-l{layers}",  # int4 and fp32 export GQA by default
+             "ours-plain": models / f"ours-{precision}-l{layers}",
              "builder": models / f"builder-{precision}-l{layers}", "gguf": models / f"phi2-l{layers}-q4_0.gguf"}  # fmt: skip
     skips: dict[str, str] = {}
     if not (phi / "model.safetensors").is_file():
@@ -148,8 +149,8 @@ def prepare(models: Path, layers: int, precision: str, quant: str, wanted: set[s
         why = in_child(make_stock_phi, phi, layers)
         if why:
             raise RuntimeError(why)
-    steps = [("ours", export_ours, (phi, paths["ours"], precision, quant), {"ours", "ours-genai"}),
-             ("ours-gqa", export_ours, (phi, paths["ours-gqa"], precision, quant, "gqa"), set(GQA_RUNTIMES)),
+    steps = [("ours", export_ours, (phi, paths["ours"], precision, quant, "gqa"), {"ours", "ours-genai"}),
+             ("ours-plain", export_ours, (phi, paths["ours-plain"], precision, quant, "plain"), set(PLAIN_RUNTIMES)),
              ("builder", build_builder, (phi, paths["builder"], precision), {"builder"}),
              ("gguf", build_gguf, (phi, paths["gguf"]), {"llama-cpp"})]  # fmt: skip
     for name, fn, args, users in steps:
@@ -176,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="report folder; models are kept in OUT/models")
     p.add_argument("--layers", type=int, default=32, help="Phi-2 layers (32 = real size; 2-4 for a quick look)")
     p.add_argument(
-        "--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES + GQA_RUNTIMES)}"
+        "--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES + PLAIN_RUNTIMES)}"
     )
     p.add_argument("--precision", default="int4", choices=("int4", "fp32"), help="ours and the builder's")
     p.add_argument("--quant", default="rtn", choices=("rtn", "hqq", "gptq"), help="our int4 method")
@@ -191,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
     args.runtimes = [r for r in args.runtimes.split(",") if r]
-    unknown = [r for r in args.runtimes if r not in RUNTIMES + GQA_RUNTIMES]
+    unknown = [r for r in args.runtimes if r not in RUNTIMES + PLAIN_RUNTIMES]
     if unknown:
         p.error(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
     if args.layers < 1 or args.layers > 32:
@@ -214,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         "ours": Target("ours", str(paths["ours"]), f"ours {p}", p, context=2048, skip=skips.get("ours")),
         "ours-genai": Target("ort-genai", str(paths["ours"]), f"ours {p} via ort-genai", p, context=2048,
                              skip=skips.get("ours")),
-        "ours-gqa": Target("ours", str(paths["ours-gqa"]), f"ours gqa {p}", p, context=2048,
-                           skip=skips.get("ours-gqa")),
-        "ours-gqa-genai": Target("ort-genai", str(paths["ours-gqa"]), f"ours gqa {p} via ort-genai", p, context=2048,
-                                 skip=skips.get("ours-gqa")),
+        "ours-plain": Target("ours", str(paths["ours-plain"]), f"ours plain {p}", p, context=2048,
+                             skip=skips.get("ours-plain")),
+        "ours-plain-genai": Target("ort-genai", str(paths["ours-plain"]), f"ours plain {p} via ort-genai", p,
+                                   context=2048, skip=skips.get("ours-plain")),
         "builder": Target("ort-genai", str(paths["builder"]), f"builder {p} via ort-genai", p, context=2048,
                           skip=skips.get("builder")),
         "llama-cpp": Target("llama-cpp", str(paths["gguf"]), "llama.cpp q4_0", "q4_0", context=2048,

@@ -39,8 +39,22 @@ from core.config import LanguageModelConfig
 from core.model import TinyGPTV
 from core.phi import apply_rotary
 
-ATTENTIONS = ("plain", "gqa")
+ATTENTIONS = ("auto", "plain", "gqa")
 MASKED = -1e9  # attention_bias on left-padding slots
+
+
+def gqa_supported(precision: str, quant: str) -> bool:
+    """Whether an export of this precision and int4 method can take the GQA decoder: fp32 and int4 (rtn, hqq,
+    gptq); the fp16/int8 converters and gptq-ort's calibration feeds are not made for the shared KV buffer."""
+    return precision in ("fp32", "int4") and not (precision == "int4" and quant == "gptq-ort")
+
+
+def resolve_attention(attention: str, precision: str, quant: str) -> str:
+    """ "auto" -> "gqa" where supported (faster decode, half the KV memory: one buffer for past and present), else
+    "plain"; "plain" and "gqa" stay as given."""
+    if attention == "auto":
+        return "gqa" if gqa_supported(precision, quant) else "plain"
+    return attention
 
 
 def _schema() -> OpSchema:
@@ -124,8 +138,7 @@ class GQADecoderGraph(nn.Module):
 
     def __init__(self, model: TinyGPTV) -> None:
         super().__init__()
-        self.model = model
-        self.lm = model.language_model
+        self.language_model = model.language_model
         cfg = model.config.language_model
         self.heads, self.head_size, self.num_layers = cfg.num_heads, cfg.head_size, cfg.num_layers
         self.inside = rotary_inside(cfg)
@@ -156,10 +169,10 @@ class GQADecoderGraph(nn.Module):
         total = ones[0].sum(dtype=torch.int32)  # scalar P+T
         pad = (attention_mask[:, None, None, :] == 0).to(inputs_embeds.dtype) * MASKED  # [B, 1, 1, P+T]
         bias = pad.expand(-1, -1, T, -1)  # [B, 1, T, P+T]: GQA wants the query axis spelled out
-        cos, sin = (None, None) if self.inside else self.lm.rotary(position_ids)  # [B, 1, T, rot]
+        cos, sin = (None, None) if self.inside else self.language_model.rotary(position_ids)  # [B, 1, T, rot]
         x = inputs_embeds
         present = []
-        for i, layer in enumerate(self.lm.model.layers):
+        for i, layer in enumerate(self.language_model.model.layers):
             h = layer.input_layernorm(x)  # [B, T, D]
             attn, kv = self._attention(
                 layer.self_attn, h, cos, sin, seqlens_k, total, bias, *past_flat[2 * i : 2 * i + 2]
@@ -168,5 +181,5 @@ class GQADecoderGraph(nn.Module):
                 attn = layer.post_layernorm(attn)
             x = attn + layer.mlp(h) + x  # Phi's parallel block (dropout is off in eval)
             present.extend(kv)
-        logits = self.lm.lm_head(self.lm.model.final_layernorm(x))  # [B, T, V]
+        logits = self.language_model.lm_head(self.language_model.model.final_layernorm(x))  # [B, T, V]
         return (logits, *present)

@@ -8,9 +8,10 @@
               apply to the vision and decoder graphs alike (the embedding graph is a table lookup and stays fp32).
 --quant       int4 algorithm: gptq (default; calibrated on image+prompt+answer sequences fed as inputs_embeds) | rtn | hqq
               | gptq-ort (onnxruntime's GPTQ on the same sequences, for comparison). See export/quantize.py.
---attention   plain (default) | gqa. gqa: each layer's attention is onnxruntime's GroupQueryAttention, past and present
-              KV one buffer per layer that the runtime binds to both (nothing concatenated or copied per step), rotary
-              inside GQA where its kernel takes the shape (Phi-2: yes). See export/gqa.py. fp32 and int4 only.
+--attention   auto (default) | gqa | plain. gqa: each layer's attention is onnxruntime's GroupQueryAttention, past and
+              present KV one buffer per layer that the runtime binds to both (nothing concatenated or copied per step),
+              rotary inside GQA where its kernel takes the shape (Phi-2: yes). See export/gqa.py. fp32 and int4 (not
+              gptq-ort) only; auto picks gqa there and plain (past in, past + new out) for fp16, int8 and gptq-ort.
 --symmetric   with --quant rtn or gptq: a scale per block and no zero points (onnxruntime-genai's default; faster
               MatMulNBits, a little less exact). Default asymmetric: a zero point per block.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
@@ -37,7 +38,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from export.calibration import check_data
 from export.embedding_table import table_from_graph, write_table
 from export.folder import CliParser, ExportError, folder_size, refuse_existing, staging_folder
 from export.genai import write_genai_config
-from export.gqa import ATTENTIONS
+from export.gqa import ATTENTIONS, gqa_supported, resolve_attention
 from export.graphs import GRAPH_FILES, OPSET, PAST_KEY, export_graph
 from export.last_logits import set_logits_positions
 from export.manifest import GQA_KV_AXIS, build_manifest, graph_signature, sha256_file, write_manifest
@@ -82,7 +83,7 @@ class ExportOptions:
     validate: bool = True
     seed: int = 0
     image_size: int | None = None  # with --random-init: the vision graph's input size (None: the preset's)
-    attention: str = "plain"  # "gqa": the decoder with GroupQueryAttention and a shared KV buffer (export.gqa)
+    attention: str = "auto"  # "gqa": GroupQueryAttention and a shared KV buffer (export.gqa); auto: gqa where supported
 
     def vision(self) -> str:
         if self.vision_precision:
@@ -180,7 +181,8 @@ def export_folder(
         raise ExportError("--symmetric applies to --precision int4 --quant rtn or gptq")
     if options.attention not in ATTENTIONS:
         raise ExportError(f"--attention {options.attention!r}: choose one of {', '.join(ATTENTIONS)}")
-    if options.attention == "gqa" and (options.precision not in ("fp32", "int4") or options.quant == "gptq-ort"):
+    options = replace(options, attention=resolve_attention(options.attention, options.precision, options.quant))
+    if options.attention == "gqa" and not gqa_supported(options.precision, options.quant):
         raise ExportError(
             "--attention gqa is for --precision fp32 or int4 (rtn, hqq, gptq): the fp16/int8 converters and gptq-ort's "
             "calibration feeds are not made for its shared KV buffer yet; use --attention plain"
@@ -293,8 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     quant = parser.add_argument_group("precision")
     quant.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    quant.add_argument("--attention", default="plain", choices=ATTENTIONS,
-                       help="decoder attention: plain, or gqa (GroupQueryAttention, shared KV buffer)")  # fmt: skip
+    quant.add_argument("--attention", default="auto", choices=ATTENTIONS,
+                       help="decoder attention: gqa (GroupQueryAttention, shared KV buffer), plain, or auto (gqa where "
+                            "the precision takes it)")  # fmt: skip
     quant.add_argument("--quant", default="gptq", choices=QUANT_METHODS, help="int4 algorithm")
     quant.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 block (group) size")
     quant.add_argument(

@@ -59,7 +59,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The fp32 export folder of `tiny_model_dir` (validated against PyTorch as every export is)."""
+    """The default fp32 export folder of `tiny_model_dir` (GQA decoder; validated against PyTorch as every export is)."""
     from export.onnx import export_folder
 
     out = tmp_path_factory.mktemp("tiny_export") / "fp32"
@@ -67,17 +67,29 @@ def tiny_export_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_plain_export_dir(tiny_model_dir, tiny_export_dir, tmp_path_factory) -> Path:
+    """The fp32 export of `tiny_model_dir` with the plain decoder (--attention plain: past in, past + new out), which
+    fp16, int8 and gptq-ort exports take; its vision and embedding graphs are the default export's."""
+    from export.onnx import ExportOptions, export_folder
+
+    out = tmp_path_factory.mktemp("tiny_plain_export") / "fp32"
+    export_folder(out, tiny_model_dir, ExportOptions(attention="plain"), graphs_from=tiny_export_dir)
+    return out
+
+
 @pytest.fixture
-def reuse_tiny_graphs(monkeypatch, tiny_export_dir):
-    """export.onnx's export_graph copies the session's fp32 graphs instead of tracing again (seconds, not a minute)."""
+def reuse_tiny_graphs(monkeypatch, tiny_export_dir, tiny_plain_export_dir):
+    """export.onnx's export_graph copies the session's fp32 graphs of the asked decoder attention instead of tracing
+    again (seconds, not a minute)."""
     import shutil
 
     from export import onnx as export_onnx
     from export.graphs import GRAPH_FILES
 
     def copy(model, name, path, seed=0, attention="plain"):
-        assert attention == "plain", "the session's graphs are the plain decoder's; trace a GQA one (tests/test_gqa.py)"
-        shutil.copy(tiny_export_dir / GRAPH_FILES[name], path)
+        source = tiny_plain_export_dir if attention == "plain" else tiny_export_dir
+        shutil.copy(source / GRAPH_FILES[name], path)
 
     monkeypatch.setattr(export_onnx, "export_graph", copy)
 

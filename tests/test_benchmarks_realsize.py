@@ -21,7 +21,8 @@ def test_full_context_run_reports_peak_within_the_plan(tiny_export_dir, tmp_path
     assert row["status"] == "ok" and (row["prompt_tokens"], row["new_tokens"], row["context"]) == (248, 8, 256)
     plan = plan_for(str(tiny_export_dir), 256, "1GB")
     assert row["plan"]["peak"] == plan["peak"] and row["plan"]["kv_cache"] == plan["kv_cache"]
-    assert plan["kv_cache"] == 2 * 2 * 2 * 4 * 16 * 4 * 256  # two buffers x (key, value) x layers x heads x hs x fp32
+    # one shared GQA buffer: (key, value) x layers x heads x hs x fp32
+    assert plan["kv_cache"] == 2 * 2 * 4 * 16 * 4 * 256
     assert 0 < row["peak_rss_after_load_bytes"] <= row["peak_rss_bytes"] <= plan["peak"]
     assert row["peak_within_plan"] and row["within_budget"] and not row["within_goal"]
     assert row["sizes"]["folder"] > row["sizes"]["decoder"] > 0

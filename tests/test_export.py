@@ -27,11 +27,12 @@ def _session(path):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_decoder_matches_pytorch_prefill_and_decode(tiny_model_dir, tiny_export_dir, batch):
-    """Past length 0 at prefill, then 3 steps on each side's own cache; last-position logits and KV within 1e-5."""
+def test_decoder_matches_pytorch_prefill_and_decode(tiny_model_dir, tiny_plain_export_dir, batch):
+    """The plain decoder: past length 0 at prefill, then 3 steps on each side's own cache; last-position logits and KV
+    within 1e-5 (the GQA decoder's own check, on shared buffers: tests/test_gqa.py)."""
     model = TinyGPTV.from_pretrained(tiny_model_dir)
     lm = model.config.language_model
-    decoder = _session(tiny_export_dir / "decoder.onnx")
+    decoder = _session(tiny_plain_export_dir / "decoder.onnx")
     names = [i.name for i in decoder.get_inputs()]
     gen = torch.Generator().manual_seed(batch)
     embeds = torch.randn(batch, 5, lm.hidden_size, generator=gen)  # [B, 5, D]
@@ -87,17 +88,17 @@ def test_manifest_describes_the_folder(tiny_model_dir, tiny_export_dir):
         "kv_templates": {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
                          "present_key": "present.%d.key", "present_value": "present.%d.value"},
         "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_size": 16, "hidden_size": 64,
-        "context_length": 256, "vocab_size": 128, "logits_positions": "last", "attention": "plain",
+        "context_length": 256, "vocab_size": 128, "logits_positions": "last", "attention": "gqa",
     }  # fmt: skip
     assert manifest["num_image_tokens"] == 8 and manifest["image_token_id"] == 127
     assert manifest["image"]["size"] == cfg.image.size and manifest["image"]["mean"] == list(cfg.image.mean)
     decoder = manifest["graphs"]["decoder"]
     assert [i["name"] for i in decoder["inputs"]][:4] == [
         "inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"]  # fmt: skip
-    assert decoder["inputs"][3]["shape"] == ["batch_size", 4, "past_sequence_length", 16]
+    assert decoder["inputs"][3]["shape"] == ["batch_size", 4, "max_sequence_length", 16]
     assert decoder["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch_size", 1, 128]}
     assert decoder["outputs"][1] == {"name": "present.0.key", "dtype": "float32",
-                                     "shape": ["batch_size", 4, "total_sequence_length", 16]}  # fmt: skip
+                                     "shape": ["batch_size", 4, "max_sequence_length", 16]}  # fmt: skip
     validation = manifest["validation"]
     assert validation["passed"] and validation["signature_problems"] == []
     assert validation["real"]["outputs"]["logits"]["max_abs_diff"] < FP32_ATOL

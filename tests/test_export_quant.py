@@ -23,13 +23,14 @@ def _ops(path) -> dict[str, int]:
 
 def test_int4_rtn_quantizes_every_decoder_matmul(tiny_model_dir, tmp_path, reuse_tiny_graphs):
     manifest = export_folder(tmp_path / "int4", tiny_model_dir, ExportOptions(precision="int4", quant="rtn"))
+    assert manifest["decoder"]["attention"] == "gqa"  # --attention auto: int4 RTN takes the GQA decoder
     decoder = manifest["quantization"]["decoder"]
     assert decoder["matmulnbits"] == 13 and decoder["matmul_left_fp32"] == []  # 2 x 6 Linear + lm_head
     assert (decoder["method"], decoder["bits"], decoder["block_size"], decoder["accuracy_level"]) == ("rtn", 4, 32, 4)
     nodes = [n for n in onnx.load(str(tmp_path / "int4" / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in nodes[0].attribute if a.name in ("bits", "block_size", "K", "N")} == {
         "bits": 4, "block_size": 32, "K": 64, "N": 3 * 64 + 128}  # fmt: skip
-    assert nodes[0].name == "/language_model/model/layers.0/fused/MatMulNBits"  # q/k/v/fc1 (export.fuse)
+    assert nodes[0].name.endswith("/model/layers.0/fused/MatMulNBits")  # q/k/v/fc1 (export.fuse)
     assert decoder["fused_away"] == 6 and len(nodes) == 7 and len(nodes[0].input) == 4  # asymmetric: zero points
     assert decoder["fast_gelu"] == 2 and _ops(tmp_path / "int4" / "decoder.onnx").get("Tanh", 0) == 0
     validation = manifest["validation"]
@@ -47,6 +48,8 @@ def test_int4_gptq_is_calibrated_on_multimodal_sequences(
         precision="int4", quant=quant, calib_data=str(tiny_calib_data), calib_samples=4, vision_precision="int8"
     )
     manifest = export_folder(tmp_path / "gptq", tiny_model_dir, options)
+    # --attention auto: gptq-ort's calibration feeds a growing past, so it keeps the plain decoder
+    assert manifest["decoder"]["attention"] == ("plain" if quant == "gptq-ort" else "gqa")
     quant = manifest["quantization"]
     calibration = quant["decoder"]["calibration"]
     assert calibration["sequences"] == 4 and calibration["tasks"] == {"vqa": 3, "refer": 1}
@@ -60,6 +63,7 @@ def test_int4_gptq_is_calibrated_on_multimodal_sequences(
 @pytest.mark.parametrize("precision", ["fp16"])
 def test_fp16_keeps_float32_io_and_stays_close(tiny_model_dir, tmp_path, reuse_tiny_graphs, precision):
     manifest = export_folder(tmp_path / precision, tiny_model_dir, ExportOptions(precision=precision))
+    assert manifest["decoder"]["attention"] == "plain"  # --attention auto: the fp16 converter takes the plain decoder
     decoder = manifest["graphs"]["decoder"]
     assert {i["dtype"] for i in decoder["inputs"] if i["name"] != "attention_mask" and i["name"] != "position_ids"} == {
         "float32"}  # fmt: skip

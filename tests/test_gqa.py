@@ -25,12 +25,10 @@ ROPE_INSIDE = {"num_heads": 2, "partial_rotary_factor": 0.5}  # head size 32, 16
 
 
 @pytest.fixture(scope="module")
-def gqa_dir(tiny_model_dir, tiny_export_dir, tmp_path_factory):
-    """The tiny model exported with --attention gqa; --graphs-from the plain export: its vision and embedding graphs are
-    copied, its (plain) decoder is not."""
-    out = tmp_path_factory.mktemp("gqa") / "out"
-    export_folder(out, tiny_model_dir, ExportOptions(attention="gqa"), graphs_from=tiny_export_dir)
-    return out
+def gqa_dir(tiny_export_dir):
+    """The tiny model's default export (--attention auto: GQA at fp32); `tiny_plain_export_dir` is the same model with
+    the plain decoder, exported --graphs-from it (vision and embedding copied, decoder traced)."""
+    return tiny_export_dir
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +78,8 @@ def test_gqa_export_validates_against_pytorch(which, rotary, request):
         ]
         assert all(s["argmax_equal"] for s in validation[case]["decoder_steps"])
         assert validation[case]["outputs"]["logits"]["max_abs_diff"] < 1e-4
-    if which == "gqa_dir":  # --graphs-from the plain export: vision copied, decoder traced anew
-        plain = json.loads((request.getfixturevalue("tiny_export_dir") / "manifest.json").read_text())["graphs"]
+    if which == "gqa_dir":  # the plain export took its vision graph --graphs-from this one and traced its decoder
+        plain = json.loads((request.getfixturevalue("tiny_plain_export_dir") / "manifest.json").read_text())["graphs"]
         assert manifest["graphs"]["vision"]["sha256"] == plain["vision"]["sha256"]
         assert manifest["graphs"]["decoder"]["sha256"] != plain["decoder"]["sha256"]
     nodes = gqa_nodes(folder)
@@ -148,8 +146,8 @@ def test_gqa_batch_prefill_on_a_filled_cache_is_refused(gqa_dir):
         loop.prefill(loop.embed(ids, None), np.ones((2, 4), np.int64))
 
 
-def test_gqa_memory_plan_counts_one_kv_buffer(gqa_dir, tiny_export_dir):
-    plain, gqa = read_manifest(tiny_export_dir), read_manifest(gqa_dir)
+def test_gqa_memory_plan_counts_one_kv_buffer(gqa_dir, tiny_plain_export_dir):
+    plain, gqa = read_manifest(tiny_plain_export_dir), read_manifest(gqa_dir)
     assert (plain.decoder.attention, gqa.decoder.attention) == ("plain", "gqa")
     d = gqa.decoder
     one = 2 * d.num_layers * d.num_heads * d.head_size * 4  # key + value, every layer, one token, float32
@@ -162,15 +160,15 @@ def test_gqa_memory_plan_counts_one_kv_buffer(gqa_dir, tiny_export_dir):
     assert Pipeline.load(gqa_dir, threads=1, batch_size=2, context=64).cache.nbytes == plan_memory(gqa, 64, 2).kv_cache
 
 
-def test_gqa_refuses_what_it_does_not_support(tiny_model_dir, tiny_export_dir, tmp_path):
+def test_gqa_refuses_what_it_does_not_support(tiny_model_dir, tiny_plain_export_dir, tmp_path):
     with pytest.raises(ExportError, match="--attention gqa is for --precision fp32 or int4"):
         export_folder(tmp_path / "a", tiny_model_dir, ExportOptions(attention="gqa", precision="fp16"))
-    with pytest.raises(ExportError, match="--attention 'flash': choose one of plain, gqa"):
+    with pytest.raises(ExportError, match="--attention 'flash': choose one of auto, plain, gqa"):
         export_folder(tmp_path / "b", tiny_model_dir, ExportOptions(attention="flash"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_gqa_decoder_also_runs_with_a_growing_past(gqa_dir, tiny_export_dir, tiny_model_dir):
+def test_gqa_decoder_also_runs_with_a_growing_past(gqa_dir, tiny_plain_export_dir, tiny_model_dir):
     """Unbound, GQA takes past [B, H, P, hs] and returns present [B, H, P+T, hs] as the plain decoder does, so tools
     that feed a growing past (export.quality's teacher forcing) run a GQA folder unchanged: the plain folder's logits."""
     from core.config import ModelConfig
@@ -178,7 +176,7 @@ def test_gqa_decoder_also_runs_with_a_growing_past(gqa_dir, tiny_export_dir, tin
 
     cfg = ModelConfig.from_json(tiny_model_dir / "config.json")
     embeds = np.random.default_rng(0).standard_normal((1, 9, cfg.language_model.hidden_size)).astype(np.float32)
-    plain, gqa = FolderModel(tiny_export_dir, cfg).logits(embeds), FolderModel(gqa_dir, cfg).logits(embeds)
+    plain, gqa = FolderModel(tiny_plain_export_dir, cfg).logits(embeds), FolderModel(gqa_dir, cfg).logits(embeds)
     assert gqa.shape == plain.shape == (1, 9, cfg.language_model.vocab_size)
     np.testing.assert_allclose(gqa, plain, atol=1e-5)
 
@@ -204,19 +202,20 @@ def test_gqa_int4_keeps_the_contract_and_runs_batched_as_alone(rope_model_dir, r
                                            [(imgs[0], QUESTIONS[0]), (imgs[1], QUESTIONS[1])]]  # fmt: skip
 
 
-def test_decode_step_times_a_gqa_graph_on_a_shared_buffer(gqa_dir, tiny_export_dir):
+def test_decode_step_times_a_gqa_graph_on_a_shared_buffer(gqa_dir, tiny_plain_export_dir):
     """benchmarks.decode_step binds a GQA graph's past and present to one buffer: the step's logits are the plain
     graph's for the same cache contents (and the bound arrays outlive the caller's feeds)."""
     from benchmarks.decode_step import decoder_of, open_session, runner, shared_buffer, step_feeds
 
     logits = []
-    for folder in (tiny_export_dir, gqa_dir):
+    for folder in (tiny_plain_export_dir, gqa_dir):
         graph, head_size = decoder_of(folder)
         session = open_session(graph, 1, None)
         run = runner(session, step_feeds(session, 20, head_size, slots=64 if shared_buffer(session) else 0))
         run()  # a second run rewrites the same slot: the same logits
         found = run()
         logits.append(np.asarray(found if isinstance(found, np.ndarray) else found.numpy()))
-    assert [shared_buffer(open_session(decoder_of(f)[0], 1, None)) for f in (tiny_export_dir, gqa_dir)] == [False, True]
+    sessions = [open_session(decoder_of(f)[0], 1, None) for f in (tiny_plain_export_dir, gqa_dir)]
+    assert [shared_buffer(s) for s in sessions] == [False, True]
     assert logits[0].shape == logits[1].shape == (1, 1, 128)
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)

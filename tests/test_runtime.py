@@ -130,7 +130,7 @@ def test_greedy_matches_pytorch_on_the_demo_model(tmp_path):
 def test_kv_buffers_are_allocated_once_and_written_in_place(pipe, reference):
     cache = pipe.cache
     d = pipe.manifest.decoder
-    assert cache.allocations == 2 * 2 * d.num_layers  # two sides x (key, value) x layers, at load
+    assert cache.allocations == 2 * d.num_layers  # (key, value) x layers, at load: GQA's past and present are one
     total, pointers = KVCache.allocations_total, cache.pointers()
     image = images(1)[0]
     pipe.generate(image, QUESTIONS[0], max_new_tokens=8)  # warm: first-call allocations are not the loop's
