@@ -219,7 +219,10 @@ def export_folder(
             logger.info("exporting %s graph", name)
             with materialized(model, name, options.seed):
                 export_graph(model, name, tmp / file, seed=options.seed, attention=options.attention)
-        set_logits_positions(tmp / GRAPH_FILES["decoder"], "all")  # calibration (gptq-ort) sees every position
+        # gptq-ort calibrates on every position; for the others lm_head is cut to the last position before quantizing
+        # (int8 replaces the MatMul that the cut looks for)
+        gptq_ort = options.precision == "int4" and options.quant == "gptq-ort"
+        set_logits_positions(tmp / GRAPH_FILES["decoder"], "all" if gptq_ort else "last")
         quantization = quantize_folder(tmp, model, tokenizer, options)
         set_logits_positions(tmp / GRAPH_FILES["decoder"], "last")  # prefill runs lm_head for the last position only
         write_genai_config(tmp, model.config, options.attention)

@@ -73,6 +73,20 @@ def test_fp16_keeps_float32_io_and_stays_close(tiny_model_dir, tmp_path, reuse_t
     assert outputs["logits"]["max_abs_diff"] < 5e-3 and outputs["image_features"]["max_abs_diff"] < 5e-3
 
 
+def test_int8_quantizes_the_decoder_and_vision_and_cuts_lm_head_to_the_last_position(
+    tiny_model_dir, tmp_path, reuse_tiny_graphs
+):
+    manifest = export_folder(tmp_path / "int8", tiny_model_dir, ExportOptions(precision="int8"))
+    assert manifest["decoder"]["attention"] == "plain" and manifest["decoder"]["logits_positions"] == "last"
+    assert manifest["graphs"]["decoder"]["outputs"][0]["shape"] == ["batch_size", 1, 128]
+    assert manifest["quantization"]["decoder"] == {"method": "dynamic int8 (per-channel weights)", "bits": 8}
+    for graph in ("decoder", "vision"):
+        assert _ops(tmp_path / "int8" / f"{graph}.onnx").get("MatMulInteger", 0) > 0
+    validation = manifest["validation"]
+    logits = validation["real"]["outputs"]["logits"]
+    assert validation["passed"] and 1e-5 < logits["max_abs_diff"] < 0.25 * logits["max_abs_ref"]
+
+
 def test_gptq_without_calibration_data_fails_before_any_work(tiny_model_dir, tmp_path, tiny_calib_data):
     from export.folder import ExportError
 
