@@ -102,6 +102,10 @@ class VisionConfig(_Section):
     intermediate_size: int = 6144
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # Channels of 3x3 stride-2 convolutions (+ LayerNorm + GELU) whose projection is added to the patch projection
+    # (core.vision_stem); empty = EVA's plain patch Conv2d. The from-scratch demo ViT needs it to learn shapes;
+    # pretrained EVA/BLIP-2 weights have none.
+    conv_stem: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,11 @@ class ModelConfig(_Section):
             (
                 v.image_size % v.patch_size == 0,
                 f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}",
+            ),
+            (
+                v.patch_size % 2 ** len(v.conv_stem) == 0 and all(c > 0 for c in v.conv_stem),
+                f"vision.conv_stem {list(v.conv_stem)}: {len(v.conv_stem)} stride-2 layers do not divide "
+                f"patch_size {v.patch_size}, or a channel count is not positive",
             ),
             (
                 self.image.size % v.patch_size == 0,
