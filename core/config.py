@@ -261,11 +261,19 @@ def _tinygptv() -> ModelConfig:
 def _demo() -> ModelConfig:
     """The embedded default: TinyGPT-V's structure at a size that trains through all four stages on 2 CPU cores.
 
-    64 px stands in for 224 (stages 1-3) and 128 px for 448 (stage 4); patch 8 keeps 8x8 patches at 64 px.
+    64 px stands in for 224 (stages 1-3) and 128 px for 448 (stage 4); patch 8 keeps 8x8 patches at 64 px. The conv
+    stem (three 3x3 stride-2 convolutions, 24/48/96 channels, beside the patch projection) is what lets this ViT,
+    trained from scratch in minutes, tell the shapes apart (issue 3; core/vision_stem.py).
     """
     return ModelConfig(
         vision=VisionConfig(
-            image_size=64, patch_size=8, hidden_size=192, num_layers=4, num_heads=4, intermediate_size=768
+            image_size=64,
+            patch_size=8,
+            hidden_size=192,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=768,
+            conv_stem=(24, 48, 96),
         ),
         qformer=QFormerConfig(
             num_query_tokens=32,
