@@ -102,6 +102,10 @@ class VisionConfig(_Section):
     intermediate_size: int = 6144
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # Channels of 3x3 stride-2 convolutions (+ LayerNorm + GELU) whose projection is added to the patch projection
+    # (core.vision_stem); empty = EVA's plain patch Conv2d. The from-scratch demo ViT needs it to learn shapes;
+    # pretrained EVA/BLIP-2 weights have none.
+    conv_stem: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,11 @@ class ModelConfig(_Section):
                 f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}",
             ),
             (
+                v.patch_size % 2 ** len(v.conv_stem) == 0 and all(c > 0 for c in v.conv_stem),
+                f"vision.conv_stem {list(v.conv_stem)}: {len(v.conv_stem)} stride-2 layers do not divide "
+                f"patch_size {v.patch_size}, or a channel count is not positive",
+            ),
+            (
                 self.image.size % v.patch_size == 0,
                 f"image.size {self.image.size} is not a multiple of patch_size {v.patch_size}",
             ),
@@ -252,11 +261,19 @@ def _tinygptv() -> ModelConfig:
 def _demo() -> ModelConfig:
     """The embedded default: TinyGPT-V's structure at a size that trains through all four stages on 2 CPU cores.
 
-    64 px stands in for 224 (stages 1-3) and 128 px for 448 (stage 4); patch 8 keeps 8x8 patches at 64 px.
+    64 px stands in for 224 (stages 1-3) and 128 px for 448 (stage 4); patch 8 keeps 8x8 patches at 64 px. The conv
+    stem (three 3x3 stride-2 convolutions, 24/48/96 channels, beside the patch projection) is what lets this ViT,
+    trained from scratch in minutes, tell the shapes apart (issue 3; core/vision_stem.py).
     """
     return ModelConfig(
         vision=VisionConfig(
-            image_size=64, patch_size=8, hidden_size=192, num_layers=4, num_heads=4, intermediate_size=768
+            image_size=64,
+            patch_size=8,
+            hidden_size=192,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=768,
+            conv_stem=(24, 48, 96),
         ),
         qformer=QFormerConfig(
             num_query_tokens=32,

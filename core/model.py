@@ -25,6 +25,7 @@ from core.config import ModelConfig
 from core.phi import KVCache, PhiDecoder, position_ids_from_mask
 from core.prompts import PromptError
 from core.tokenizer import TOKENIZER_FILE, TextTokenizer
+from core.vision_stem import ConvStemPatchEmbedding
 from core.weights import WEIGHTS_FILE, load_safetensors, load_strict, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ def blip2_qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
     )
 
 
+def build_vision_model(cfg: ModelConfig) -> Blip2VisionModel:
+    """transformers' BLIP-2 ViT; with `vision.conv_stem`, its patch Conv2d is replaced by core.vision_stem's stem."""
+    vision = Blip2VisionModel(blip2_vision_config(cfg))
+    v = cfg.vision
+    if v.conv_stem:
+        vision.embeddings.patch_embedding = ConvStemPatchEmbedding(v.conv_stem, v.patch_size, v.hidden_size)
+    return vision
+
+
 class Projector(nn.Module):
     """TinyGPT-V's `llama_proj` (768 -> 4096) and `llama_proj2` (4096 -> 2560): two linear layers, no activation."""
 
@@ -76,7 +86,7 @@ class TinyGPTV(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.vision_model = Blip2VisionModel(blip2_vision_config(cfg))
+        self.vision_model = build_vision_model(cfg)
         self.qformer = Blip2QFormerModel(blip2_qformer_config(cfg))
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, cfg.qformer.hidden_size) * 0.02)
         self.projector = Projector(cfg)

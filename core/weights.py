@@ -237,11 +237,14 @@ def write_blip2_folder(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    vision_config = blip2_vision_config(cfg).to_dict()
+    if cfg.vision.conv_stem:  # our extension (core.vision_stem); a stock BLIP-2 folder has no such key
+        vision_config["conv_stem"] = list(cfg.vision.conv_stem)
     config = {
         "architectures": ["Blip2Model"],
         "model_type": "blip-2",
         "num_query_tokens": cfg.qformer.num_query_tokens,
-        "vision_config": blip2_vision_config(cfg).to_dict(),
+        "vision_config": vision_config,
         "qformer_config": blip2_qformer_config(cfg).to_dict(),
     }
     (path / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -260,6 +263,7 @@ def vision_configs_from_blip2(config: dict, base):
         num_heads=v.get("num_attention_heads", base.vision.num_heads),
         intermediate_size=v.get("intermediate_size", base.vision.intermediate_size),
         layer_norm_eps=float(v.get("layer_norm_eps", base.vision.layer_norm_eps)),
+        conv_stem=tuple(v.get("conv_stem", ())),  # the folder decides: none in EVA/BLIP-2 checkpoints
     )
     qformer = base.qformer.replace(
         num_query_tokens=config.get("num_query_tokens", base.qformer.num_query_tokens),

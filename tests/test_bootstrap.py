@@ -89,6 +89,26 @@ def _one_object(shape: str) -> Scene:
     )
 
 
+def test_patch_warmup_trains_the_patch_embedding_and_first_mlp_only(world: SyntheticWorld) -> None:
+    from core.model import TinyGPTV
+    from training.bootstrap_patches import PatchWarmup, warm_up_patches
+
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = TinyGPTV(cfg.replace(vision=cfg.vision.replace(conv_stem=(8, 16))))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = warm_up_patches(model, world, PatchWarmup(scenes=6, epochs=2, batch_size=4))
+    changed = {k.rsplit(".", 1)[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {
+        "vision_model.embeddings.patch_embedding", "vision_model.embeddings.patch_embedding.stem.0",
+        "vision_model.embeddings.patch_embedding.stem.1", "vision_model.embeddings.patch_embedding.stem.3",
+        "vision_model.embeddings.patch_embedding.stem.4", "vision_model.embeddings.patch_embedding.stem_projection",
+        "vision_model.encoder.layers.0.layer_norm2", "vision_model.encoder.layers.0.mlp.fc1",
+        "vision_model.encoder.layers.0.mlp.fc2",
+    }  # fmt: skip
+    assert [e["epoch"] for e in report["log"]] == [0, 1] and all(e["loss"] > 0 for e in report["log"])
+
+
 def test_patch_shape_term_reads_object_patches_only() -> None:
     """The patch head's shape logits on background patches do not move the loss; on object patches they do."""
     from training.bootstrap_vision import COLOUR_NAMES, VisionHeads, patch_targets, vision_loss
@@ -188,3 +208,4 @@ def test_bootstrap_report(tiny_base: Path) -> None:
     assert set(report["language"]["answer_loss"]) == {"stock", "with_fresh_tinygptv_norms"}
     assert 0.0 <= report["language"]["quick_eval"]["64"]["vqa_all"] <= 1.0
     assert set(report["vision"]["probe"]) == {"32", "64"}
+    assert report["vision"]["patch_warmup"]["scenes"] == 4 and len(report["vision"]["patch_warmup"]["log"]) == 2
