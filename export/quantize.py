@@ -41,6 +41,7 @@ from onnx import numpy_helper
 
 from core.model import TinyGPTV
 from core.tokenizer import TextTokenizer
+from export import graphs
 from export.fuse import fuse_fast_gelu, fuse_shared_input_matmuls
 from export.graphs import TWO_GB, quiet_loggers
 
@@ -51,16 +52,22 @@ QUANTIZER_LOGGERS = ("onnxruntime.quantization", "onnxruntime.quantization.matmu
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:
-    """Save over `path`, with one external data file beside it when the model is over 2 GB."""
+    """Save over `path`, with one external data file beside it from export.graphs.EXTERNAL_DATA_FROM bytes on."""
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
-    large = proto.ByteSize() > TWO_GB * 0.9 if not _has_external(proto) else True
+    large = _has_external(proto) or proto.ByteSize() > graphs.EXTERNAL_DATA_FROM
     onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)  # fmt: skip
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def _graph_bytes(path: Path) -> int:
+    """A graph file's bytes with its external data file's, if it has one."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -78,7 +85,7 @@ def to_int8(path: Path) -> None:
 
     tmp = path.with_name(path.stem + ".int8.onnx")
     quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, use_external_data_format=path.stat().st_size > TWO_GB * 0.9)  # fmt: skip
+                     per_channel=True, use_external_data_format=_graph_bytes(path) > TWO_GB * 0.9)  # fmt: skip
     proto = _load(tmp)
     for f in path.parent.glob(tmp.name + "*"):
         f.unlink()

@@ -126,3 +126,28 @@ def test_symmetric_is_refused_where_it_does_not_apply(tmp_path):
 
     with pytest.raises(ExportError, match="--symmetric applies to --precision int4 --quant rtn"):
         export_folder(tmp_path / "x", tmp_path, ExportOptions(precision="int4", quant="hqq", symmetric=True))
+
+
+def test_large_graphs_keep_their_weights_in_external_data(tiny_model_dir, tmp_path, reuse_tiny_graphs, monkeypatch):
+    """From export.graphs.EXTERNAL_DATA_FROM bytes on, a quantized graph keeps its weights in `<file>.data` (ONNX
+    Runtime then loads them without the protobuf's second copy); the manifest lists and hashes that file, and the
+    folder answers exactly as the single-file export of the same options."""
+    from export import graphs
+    from runtime import Pipeline
+    from tests.test_runtime import images
+
+    options = ExportOptions(precision="int4", quant="rtn", vision_precision="int8")
+    single = export_folder(tmp_path / "single", tiny_model_dir, options)
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_FROM", 0)
+    split = export_folder(tmp_path / "split", tiny_model_dir, options)
+    for name in ("vision", "decoder"):
+        data = tmp_path / "split" / f"{name}.onnx.data"
+        assert data.is_file() and f"{name}.onnx.data" in split["files"]
+        assert not (tmp_path / "single" / f"{name}.onnx.data").exists()
+        proto = onnx.load(str(tmp_path / "split" / f"{name}.onnx"), load_external_data=False)
+        assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer) > 0
+    assert split["validation"]["passed"] and split["validation"]["real"] == single["validation"]["real"]
+    image = images(1)[0]
+    answers = [Pipeline.load(tmp_path / f, threads=1).generate(image, "[vqa] what colour is the shape?",
+                                                               max_new_tokens=6).tokens for f in ("single", "split")]  # fmt: skip
+    assert answers[0] == answers[1] and len(answers[0]) > 0

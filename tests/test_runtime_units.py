@@ -291,6 +291,23 @@ def test_int4_is_suggested_when_only_smaller_weights_would_fit(tmp_path):
         plan_memory(read_manifest(folder), budget="512MB").check()
 
 
+def test_graphs_with_external_data_load_once_and_prepack_all_their_bytes(tmp_path):
+    """A decoder whose weights lie in decoder.onnx.data (export.graphs.EXTERNAL_DATA_FROM): the load transient is
+    its small protobuf, not its weights again, and the int4 repacking still counts every byte of the weights."""
+    folder, manifest = fake_export(tmp_path / "x", graph_bytes=(1000, 2000, 3000))
+    manifest["quantization"] = {"precision": "int4", "decoder": {"bits": 4}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    single = plan_memory(read_manifest(folder))
+    with open(folder / "decoder.onnx.data", "wb") as f:  # sparse 300 MiB of weights; the protobuf stays 3,000 bytes
+        f.truncate(300 << 20)
+    manifest["files"]["decoder.onnx.data"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    split = plan_memory(read_manifest(folder))
+    assert single.load_transient == 3000 and split.load_transient == 3000  # the protobuf only, in both layouts
+    assert split.weights == single.weights + (300 << 20)
+    assert split.prepacked == int(0.4 * (3000 + (300 << 20)))
+
+
 # ---------------------------------------------------------------- memory handed back after loading
 
 
