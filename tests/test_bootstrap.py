@@ -157,6 +157,27 @@ def test_normed_decoder_shares_the_stock_weights() -> None:
         assert torch.allclose(normed.lm_head.bias, stock.lm_head.bias)
 
 
+def test_fan_in_init_redraws_the_weights_at_the_decoders_width() -> None:
+    """The demo's language phase starts from std 1/sqrt(hidden size), not Phi-2's 0.02; biases and norms untouched."""
+    from core.phi import PhiDecoder
+    from training.bootstrap import BootstrapSettings
+    from training.bootstrap_lm import LanguagePhase, fan_in_init
+
+    torch.manual_seed(0)
+    lm = ModelConfig.preset("demo").language_model.replace(qk_layernorm=False, post_attention_rmsnorm=False)
+    decoder = PhiDecoder(lm)
+    q = decoder.model.layers[0].self_attn.q_proj
+    assert abs(q.weight.std().item() - 0.02) < 1e-3
+    with torch.no_grad():
+        q.bias.fill_(0.5)
+    assert fan_in_init(decoder) == 256**-0.5
+    for weight in (q.weight, decoder.model.layers[3].mlp.fc2.weight, decoder.model.embed_tokens.weight,
+                   decoder.lm_head.weight):  # fmt: skip
+        assert abs(weight.std().item() - 0.0625) < 2e-3
+    assert torch.all(q.bias == 0.5) and torch.all(decoder.model.final_layernorm.weight == 1.0)
+    assert not LanguagePhase().fan_in_init and BootstrapSettings.preset("demo").language.fan_in_init
+
+
 def test_vqa_text_is_cleaned_as_the_loaders_clean_it(world: SyntheticWorld) -> None:
     from training.bootstrap_lm import as_loaded
 

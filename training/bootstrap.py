@@ -73,7 +73,7 @@ _PRESETS = {
     "demo": BootstrapSettings(
         patch_warmup=PatchWarmup(scenes=2000, epochs=3),
         vision=VisionPhase(steps=480, batch_size=8, lr=1.5e-3, mixed_from=0.8),
-        language=LanguagePhase(steps=200, scenes_per_step=16, turns=6, lr=1.5e-3, norm_mix=0.5),
+        language=LanguagePhase(steps=400, scenes_per_step=16, turns=6, lr=2e-3, norm_mix=0.5, fan_in_init=True),
         probe_scenes=96,
     ),
     "tiny": BootstrapSettings(
