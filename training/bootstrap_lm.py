@@ -12,11 +12,18 @@ Questions, answers and phrases are cleaned with `caption_text` where the real-fo
 identify, stage-1 and TextCaps captions), so the language model sees the text the stages will feed it.
 
 `fan_in_init` re-draws every Linear and the embedding of the decoder with std 1/sqrt(hidden size) before training,
-instead of Phi-2's initializer_range 0.02 (which is 1/sqrt(2560), right for Phi-2's width only). At the demo's width
-(256) 0.02 starts the attention logits ~10x too small; attention then stays uniform for hundreds of steps and the
-decoder reads only what every image token shares (the count), never one object out of several (issue 3 notes: the
-toy binding runs, and the language phase on oracle features, where the fan-in init lifted shape from 0.31 to 0.72,
-refer from 0.00 to 0.10, and made the answers depend on the image at all).
+instead of Phi-2's initializer_range 0.02 (which is 1/sqrt(2560), right for Phi-2's width only). At width 256 (the
+demo's until it went to 128) 0.02 starts the attention logits ~10x too small; attention then stays uniform for
+hundreds of steps and the decoder reads only what every image token shares (the count), never one object out of
+several (issue 3 notes: the toy binding runs, and the language phase on oracle features, where the fan-in init lifted
+shape from 0.31 to 0.72, refer from 0.00 to 0.10, and made the answers depend on the image at all).
+
+`binding_weight` > 0 adds the answer-attention loss of `training.bootstrap_binding`: one head is shown which image
+token each answer is about, instead of finding it from the answer loss alone.
+
+`feature_pool` > 0 encodes that many training scenes once at each size (the vision is frozen here, so their Q-Former
+outputs never change) and draws every step's scenes from the pool in turn, each time with freshly drawn questions,
+instead of encoding fresh scenes each step: the encode was a sixth of a step at width 256, a third at 128.
 
 `norm_mix` > 0 trains the same stock weights, on that share of the steps, with TinyGPT-V's q/k LayerNorm and
 post-attention RMSNorm in place at their fresh values (weight 1, bias 0, not trained, not written): the stages add
@@ -37,6 +44,7 @@ from core.boxes import iou, parse_boxes
 from core.model import Projector, TinyGPTV
 from core.phi import PhiDecoder
 from core.prompts import build_prompt
+from training.bootstrap_binding import AnswerAttention, binding_targets, sample_cells
 from training.bootstrap_vision import encode, pixels
 from training.collate import IGNORE, Collator
 from training.data.sample import Sample, Turn
@@ -92,12 +100,14 @@ def scene_sequences(world, scene, index: int, rng: random.Random, turns: int) ->
     first = as_loaded(world.sample(index, task, "train", scene=scene))
     if task not in MULTI_TURN:
         return [(TASK_WEIGHTS[task][1], first)]
-    out_turns = list(first.turns)
+    out_turns, later = list(first.turns), []
     for _ in range(turns - 1):  # later turns: other tagged tasks, text only (the image sits in turn 1)
         extra = rng.choices(MULTI_TURN, [TASK_WEIGHTS[t][0] for t in MULTI_TURN])[0]
         s = as_loaded(_fresh_sample(world, scene, index, extra, rng))
         out_turns.append(Turn(s.turns[0].instruction.replace("<Img><ImageHere></Img> ", ""), s.turns[0].answer))
-    return [("stage4", Sample(scene.image, out_turns, first.source, first.task, first.meta))]
+        later.append((s.source, s.meta))
+    meta = {**first.meta, "turn_cells": sample_cells(scene, first, later)}  # for the binding loss (bootstrap_binding)
+    return [("stage4", Sample(scene.image, out_turns, first.source, first.task, meta))]
 
 
 def _fresh_sample(world, scene, index: int, task: str, rng: random.Random) -> Sample:
@@ -118,7 +128,27 @@ class LanguagePhase:
     max_txt_len: int = 200
     norm_mix: float = 0.0  # share of steps run with TinyGPT-V's fresh norms in place (see module docstring)
     fan_in_init: bool = False  # re-draw the decoder's weights with std 1/sqrt(hidden size) first (module docstring)
+    binding_weight: float = 0.0  # > 0: the answer-attention loss of bootstrap_binding, with this weight
+    binding_layer: int = 1  # the decoder layer and head it trains
+    binding_head: int = 0
+    feature_pool: int = 0  # > 0: encode this many training scenes once per size and draw every step's scenes from them
     log_every: int = 25
+
+
+class FeaturePool:
+    """Q-Former outputs of training scenes 0..n-1 at each size, encoded once by the frozen vision."""
+
+    def __init__(self, model: TinyGPTV, world, n: int, sizes: tuple[int, ...], batch: int = 64) -> None:
+        self.scenes = [world.scene(i, "train") for i in range(n)]
+        self.queries: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for size in sorted(set(sizes)):
+                parts = [encode(model, pixels(self.scenes[i : i + batch], model, size))[1] for i in range(0, n, batch)]
+                self.queries[size] = torch.cat(parts)  # [n, N, Dq]
+
+    def get(self, indices: list[int], size: int):
+        """(scenes, their Q-Former outputs [len(indices), N, Dq] at `size`)."""
+        return [self.scenes[i] for i in indices], self.queries[size][torch.tensor(indices)]
 
 
 @torch.no_grad()
@@ -180,17 +210,27 @@ def train_language(model: TinyGPTV, tokenizer, world, phase: LanguagePhase, dead
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, _warmup_cosine(phase.warmup_steps, phase.steps))
     rng = random.Random(f"bootstrap-lm:{world.seed}")
     log, t0, cpu0, index, step = [], time.time(), time.process_time(), 0, -1
+    pool = FeaturePool(model, world, phase.feature_pool, phase.sizes) if phase.feature_pool else None
+    binding = None
+    if phase.binding_weight:
+        decoders = [stock] if normed is None else [stock, normed]
+        binding = AnswerAttention(decoders, phase.binding_layer, phase.binding_head)
     for step in range(phase.steps):
         if deadline is not None and time.time() > deadline:
             logger.warning("language bootstrap: time budget reached after %d of %d steps", step, phase.steps)
             break
         size = phase.sizes[step % len(phase.sizes)]
-        scenes = [world.scene(index + k, "train") for k in range(phase.scenes_per_step)]
-        with torch.no_grad():
-            _, queries = encode(model, pixels(scenes, model, size))  # [S, N, Dq]
+        if pool is not None:
+            indices = [(index + k) % phase.feature_pool for k in range(phase.scenes_per_step)]
+            scenes, queries = pool.get(indices, size)
+        else:
+            indices = [index + k for k in range(phase.scenes_per_step)]
+            scenes = [world.scene(i, "train") for i in indices]
+            with torch.no_grad():
+                _, queries = encode(model, pixels(scenes, model, size))  # [S, N, Dq]
         rows, owner = [], []
         for k, scene in enumerate(scenes):
-            for seq in scene_sequences(world, scene, index + k, rng, phase.turns):
+            for seq in scene_sequences(world, scene, indices[k], rng, phase.turns):
                 rows.append(seq)
                 owner.append(k)
         index += phase.scenes_per_step
@@ -198,10 +238,14 @@ def train_language(model: TinyGPTV, tokenizer, world, phase: LanguagePhase, dead
         features = model.projector(queries[torch.tensor(owner)])  # [B, N, D]
         use_norms = normed is not None and rng.random() < phase.norm_mix
         model.language_model = normed if use_norms else stock
+        if binding is not None:
+            cells = [sample.meta.get("turn_cells", []) for _, sample in rows]
+            binding.targets = binding_targets(ids, labels, cells, cfg.prompt.image_token_id)
         loss = model(ids, mask, labels=labels, image_features=features)["loss"]
         model.language_model = stock
+        total = loss + phase.binding_weight * binding.loss if binding is not None else loss
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         schedule.step()
@@ -214,9 +258,14 @@ def train_language(model: TinyGPTV, tokenizer, world, phase: LanguagePhase, dead
                 "tokens": int(mask.sum()),
             }
             entry["norms"] = use_norms
+            if binding is not None:
+                entry["binding"] = round(binding.loss.item(), 4)
+                entry["binding_targets"] = len(binding.targets)
             entry["wall_s"] = round(time.time() - t0, 1)
             log.append(entry)
             logger.info("language step %d/%d %s", step, phase.steps, entry)
+    if binding is not None:
+        binding.remove()
     return {
         "steps_done": step + 1,
         "wall_s": round(time.time() - t0, 1),

@@ -1,0 +1,100 @@
+"""Bootstrap, part 2b: point one attention head of the language model at the image token of the object a turn is about.
+
+The language phase has to discover, from the answer loss alone, that "what colour is the circle?" is answered by
+attending from the answer to the one image token that holds the circle. From scratch this is a long plateau: the
+answer priors and whatever all image tokens share (the count) are learnt first, the selection of one object last
+(issue 3 notes). The vision bootstrap already gives the image tokens a known layout: Q-Former query k holds the
+object in cell k of the world's 3x3 grid (its slot heads and cross-attention targets, bootstrap_vision), and the
+projector keeps the order, so the k-th image token of a sequence is cell k.
+
+So, as the vision phase supervises the Q-Former's cross-attention, this supervises the decoder's: for every turn
+about one object (VQA colour / shape / position / "is there" with answer yes, refer, identify), one head of one
+layer, at the position that predicts the first answer token, is trained to attend to that object's image token
+(`-log p(target)`, added to the answer loss with `LanguagePhase.binding_weight`). The head and the rest of the model
+stay free otherwise; questions about no single object (counts, "is there" with answer no, captions) add nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.phi import PhiDecoder, apply_rotary
+from training.collate import IGNORE
+from training.data.sample import Sample
+from training.data.synthetic_scene import Scene
+from training.data.synthetic_tasks import vqa_candidates
+
+
+def turn_cell(scene: Scene, source: str, meta: dict) -> int | None:
+    """The grid cell (= Q-Former query index) of the one object a tagged turn is about, or None."""
+    if source == "synthetic_vqa":
+        for qa in vqa_candidates(scene)[meta["qtype"]]:
+            if qa.question == meta["question"] and qa.answer == meta["answer"] and qa.target is not None:
+                return scene.objects[qa.target].cell
+        return None
+    if source in ("synthetic_refer", "synthetic_identify"):
+        box = tuple(meta["gt_box"])
+        cells = [o.cell for o in scene.objects if o.grid_box(scene.width, scene.height) == box]
+        return cells[0] if len(cells) == 1 else None
+    return None
+
+
+def binding_targets(
+    ids: torch.Tensor, labels: torch.Tensor, cells: list[list[int | None]], image_token_id: int
+) -> torch.Tensor:
+    """[n, 3] rows of (batch row, query position, key position): the position predicting each turn's first answer
+    token, and the image token of the turn's cell. ids, labels [B, T]; cells[b] lists row b's turns in order (None
+    where a turn is about no single object); turns cut off by truncation are dropped."""
+    out = []
+    for b, row_cells in enumerate(cells):
+        if not any(c is not None for c in row_cells):
+            continue
+        is_answer = labels[b] != IGNORE  # [T]
+        starts = (is_answer[1:] & ~is_answer[:-1]).nonzero().flatten() + 1  # first token of each answer run
+        image = (ids[b] == image_token_id).nonzero().flatten()
+        for turn, start in enumerate(starts.tolist()[: len(row_cells)]):
+            cell = row_cells[turn]
+            if cell is not None and cell < len(image):
+                out.append((b, start - 1, int(image[cell])))
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 3)
+
+
+class AnswerAttention:
+    """A forward hook on one attention layer that scores one head's attention at the target positions.
+
+    Set `targets` (from `binding_targets`) before the forward pass; after it, `loss` holds the mean of -log of the
+    head's attention probability on each target image token (0 when there are no targets).
+    """
+
+    def __init__(self, decoders: list[PhiDecoder], layer: int, head: int) -> None:
+        self.head = head
+        self.targets = torch.zeros(0, 3, dtype=torch.long)
+        self.loss: torch.Tensor = torch.zeros(())
+        self.handles = [d.model.layers[layer].self_attn.register_forward_hook(self._hook) for d in decoders]
+
+    def _hook(self, module: nn.Module, args: tuple, output) -> None:
+        x, cos, sin, mask, _ = args  # x [B, T, D] (after input_layernorm), cos/sin [B, 1, T, rot], mask [B, 1, T, T]
+        if len(self.targets) == 0:
+            self.loss = x.new_zeros(())
+            return
+        hs, h = module.head_size, self.head
+        b, t_query, t_key = self.targets.unbind(1)
+        q = module.q_proj(x)[..., h * hs : (h + 1) * hs].unsqueeze(1)  # [B, 1, T, hs]
+        k = module.k_proj(x)[..., h * hs : (h + 1) * hs].unsqueeze(1)  # [B, 1, T, hs]
+        if module.qk_layernorm:
+            q, k = module.q_layernorm(q), module.k_layernorm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q_sel = q[b, 0, t_query]  # [n, hs]
+        scores = torch.einsum("nd,ntd->nt", q_sel, k[b, 0]) * hs**-0.5 + mask[b, 0, t_query]  # [n, T]
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        self.loss = -logp.gather(1, t_key[:, None]).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def sample_cells(scene: Scene, sample: Sample, extra: list[tuple[str, dict]]) -> list[int | None]:
+    """Cells of a sequence's turns: the first from the sample itself, the later ones from (source, meta) pairs."""
+    return [turn_cell(scene, sample.source, sample.meta), *(turn_cell(scene, s, m) for s, m in extra)]
