@@ -264,7 +264,7 @@ def _demo() -> ModelConfig:
     64 px stands in for 224 (stages 1-3) and 128 px for 448 (stage 4); patch 8 keeps 8x8 patches at 64 px. The conv
     stem (three 3x3 stride-2 convolutions, 24/48/96 channels, beside the patch projection) is what lets this ViT,
     trained from scratch in minutes, tell the shapes apart (issue 3; core/vision_stem.py). The decoder is 128 wide:
-    it learns per step as a 256-wide one did, at about half the CPU, so the bootstrap affords twice the steps.
+    it learns per step about as a 256-wide one did, at about half the CPU, so the bootstrap affords more steps.
     """
     return ModelConfig(
         vision=VisionConfig(

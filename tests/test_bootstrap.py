@@ -242,6 +242,8 @@ def test_bootstrap_report(tiny_base: Path) -> None:
     report = json.loads((tiny_base / "bootstrap.json").read_text())
     assert report["vision"]["steps_done"] == 2 and report["vision"]["images_seen"] == 8
     assert report["language"]["steps_done"] == 2
+    assert all(entry["binding"] > 0 for entry in report["language"]["log"])  # the answer-attention loss ran
+    assert report["language"]["log"][0]["binding_targets"] > 0
     assert report["tokenizer"]["vocab_size"] == 127
     assert not list(tiny_base.glob(".*.tmp"))  # temporary folders renamed away
     assert set(report["language"]["answer_loss"]) == {"stock", "with_fresh_tinygptv_norms"}
