@@ -36,13 +36,13 @@ demo: $(STAMP)
 	$(PY) -m training.data.synthetic --seed 0 --split val --n 7 --out runs/demo/requests --formats requests --force
 	$(PY) -m runtime --model exports/demo-int4 --batch runs/demo/requests/requests.jsonl \
 		--out runs/demo/requests/answers.jsonl --max-new-tokens 48
-	$(PY) -m benchmarks --model exports/demo-int4 --out reports/demo
+	$(PY) -m benchmarks --model exports/demo-int4 --out reports/demo --prompt-tokens 128,256,384
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m benchmarks --model exports/demo-int4 --out reports/demo
+	$(PY) -m benchmarks --model exports/demo-int4 --out reports/demo --prompt-tokens 128,256,384
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
