@@ -2,7 +2,7 @@
 world, and write them in the formats of the real ones, so that the four stages load them as they load EVA/BLIP-2 and
 Phi-2 folders (core.weights.load_blip2_folder / load_phi_folder, core.tokenizer.TextTokenizer.from_dir).
 
-    python -m training.bootstrap --preset demo --out runs/demo/base          # ~53 CPU-minutes (2 threads, loaded box)
+    python -m training.bootstrap --preset demo --out runs/demo/base    # ~18 min wall, 35-41 CPU-minutes on 2 threads
     result = bootstrap("runs/demo/base", ModelConfig.preset("demo"))
     result.vision_dir   # runs/demo/base/vision : BLIP-2 folder (vision_model.*, qformer.*, query_tokens)
     result.lm_dir       # runs/demo/base/lm     : Phi-2 folder, stock Phi (no TinyGPT-V norms) + tokenizer.json
