@@ -2,7 +2,7 @@
 world, and write them in the formats of the real ones, so that the four stages load them as they load EVA/BLIP-2 and
 Phi-2 folders (core.weights.load_blip2_folder / load_phi_folder, core.tokenizer.TextTokenizer.from_dir).
 
-    python -m training.bootstrap --preset demo --out runs/demo/base    # ~18 min wall, 35-41 CPU-minutes on 2 threads
+    python -m training.bootstrap --preset demo --out runs/demo/base    # ~16 min wall, ~31 CPU-minutes on 2 threads
     result = bootstrap("runs/demo/base", ModelConfig.preset("demo"))
     result.vision_dir   # runs/demo/base/vision : BLIP-2 folder (vision_model.*, qformer.*, query_tokens)
     result.lm_dir       # runs/demo/base/lm     : Phi-2 folder, stock Phi (no TinyGPT-V norms) + tokenizer.json
@@ -75,7 +75,7 @@ class BootstrapSettings:
 # about half the CPU, so it gets 800 steps; the answer-attention loss (bootstrap_binding) takes its VQA from 0.53 to
 # 0.61 (colour 0.59 -> 0.79, exists 0.36 -> 0.79), and the feature pool drops the per-step encode (1,479 -> 1,293
 # CPU-s with the pool's encode included). Demo end to end, held-out test split: 800 steps VQA 0.603, refer 0.083,
-# 18.5 min wall on a quiet box; 1,200 steps VQA 0.670, refer 0.123 (+400 x ~0.7 s: ~23 min quiet, estimated).
+# 18.5 min wall on a quiet box; 1,200 steps VQA 0.670, refer 0.123, 20.7 min wall on a quiet box.
 _PRESETS = {
     "demo": BootstrapSettings(
         patch_warmup=PatchWarmup(scenes=2000, epochs=3),
