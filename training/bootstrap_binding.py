@@ -17,6 +17,7 @@ stay free otherwise; questions about no single object (counts, "is there" with a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.phi import PhiDecoder, apply_rotary
@@ -78,15 +79,16 @@ class AnswerAttention:
         if len(self.targets) == 0:
             self.loss = x.new_zeros(())
             return
-        hs, h = module.head_size, self.head
+        head = slice(self.head * module.head_size, (self.head + 1) * module.head_size)
         b, t_query, t_key = self.targets.unbind(1)
-        q = module.q_proj(x)[..., h * hs : (h + 1) * hs].unsqueeze(1)  # [B, 1, T, hs]
-        k = module.k_proj(x)[..., h * hs : (h + 1) * hs].unsqueeze(1)  # [B, 1, T, hs]
+        # only this head's rows of q_proj / k_proj, and q only where it is scored
+        q = F.linear(x[b, t_query], module.q_proj.weight[head], module.q_proj.bias[head])  # [n, hs]
+        k = F.linear(x, module.k_proj.weight[head], module.k_proj.bias[head])  # [B, T, hs]
         if module.qk_layernorm:
             q, k = module.q_layernorm(q), module.k_layernorm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q_sel = q[b, 0, t_query]  # [n, hs]
-        scores = torch.einsum("nd,ntd->nt", q_sel, k[b, 0]) * hs**-0.5 + mask[b, 0, t_query]  # [n, T]
+        q = apply_rotary(q, cos[b, 0, t_query], sin[b, 0, t_query])
+        k = apply_rotary(k, cos[:, 0], sin[:, 0])
+        scores = torch.einsum("nd,ntd->nt", q, k[b]) * module.head_size**-0.5 + mask[b, 0, t_query]  # [n, T]
         logp = torch.log_softmax(scores.float(), dim=-1)
         self.loss = -logp.gather(1, t_key[:, None]).mean()
 
