@@ -269,14 +269,15 @@ def test_binding_targets_point_each_answer_at_its_objects_image_token(world: Syn
     box = list(scene.objects[3].grid_box(scene.width, scene.height))
     assert turn_cell(scene, "synthetic_identify", {"gt_box": box}) == 8
     assert turn_cell(scene, "synthetic_caption", {}) is None
-    # row 0: image ids at 1..4, answers at 6 and 9-10; row 1: no cells; row 2: the second turn was cut off
+    # row 0: image ids at 1..4, answers at 6 (one token) and 8-11 (three tokens + EOS); row 1: no cells;
+    # row 2: the second turn was cut off
     ignore, img = -100, 99
     ids = torch.tensor([[5, img, img, img, img, 7, 8, 7, 7, 8, 8, 0], [5, img, img, img, img, 7, 8, 0, 0, 0, 0, 0],
                         [5, img, img, img, img, 7, 8, 7, 7, 7, 7, 7]])  # fmt: skip
     labels = torch.full_like(ids, ignore)
-    labels[0, 6], labels[0, 9:11], labels[1, 6], labels[2, 6] = 8, 8, 8, 8
+    labels[0, 6], labels[0, 8:12], labels[1, 6], labels[2, 6] = 8, ids[0, 8:12], 8, 8
     targets = binding_targets(ids, labels, [[2, 3], [None], [None, 1]], img)
-    assert targets.tolist() == [[0, 5, 3], [0, 8, 4]]
+    assert targets.tolist() == [[0, 5, 3], [0, 7, 4], [0, 8, 4], [0, 9, 4]]  # each predicts an answer token, not EOS
 
 
 def test_answer_attention_is_the_heads_own_softmax() -> None:
@@ -317,3 +318,63 @@ def test_answer_attention_is_the_heads_own_softmax() -> None:
         expected = -(probs[0, 1, 6, 2].log() + probs[1, 1, 5, 3].log()) / 2
         torch.testing.assert_close(hook.loss, expected.detach(), rtol=1e-5, atol=1e-6)
         assert torch.equal(add_mask, causal_mask(mask, T, x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- grid numbers
+class _GridTokenizer:
+    """Stands in for TextTokenizer: `<n>` is id 10 + n, nothing else is a whole token."""
+
+    class tokenizer:  # noqa: N801 - the attribute TextTokenizer has
+        @staticmethod
+        def token_to_id(token: str) -> int | None:
+            return 10 + int(token[1:-1]) if token[1:-1].isdigit() else None
+
+
+class _SpelledTokenizer:
+    """A tokenizer too small for whole grid tokens (the tiny preset's)."""
+
+    class tokenizer:  # noqa: N801
+        @staticmethod
+        def token_to_id(token: str) -> int | None:
+            return None
+
+
+def test_grid_soft_loss_by_hand() -> None:
+    """Plain cross entropy off the grid; on it, -sum_j q_j log p(<j>) with q a Gaussian of std sigma around the label."""
+    from training.bootstrap_grid import grid_soft_loss, grid_token_ids
+
+    grid_ids = grid_token_ids(_GridTokenizer())
+    assert grid_ids.tolist() == list(range(10, 111))
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 120)
+    labels = torch.tensor([[-100, 3, 10 + 40, -100]])  # position 0 predicts word 3, position 1 predicts <40>
+    logp = torch.log_softmax(logits[0], dim=-1)
+    q = torch.exp(-((torch.arange(101.0) - 40) ** 2) / (2 * 1.5**2))
+    q = q / q.sum()
+    by_hand = (-logp[0, 3] - (q * logp[1, 10:111]).sum()) / 2
+    assert torch.allclose(grid_soft_loss(logits, labels, grid_ids, 1.5), by_hand, atol=1e-6)
+    # a very narrow Gaussian is the one-hot target: the model's own loss
+    plain = torch.nn.functional.cross_entropy(logits[0, :2], torch.tensor([3, 50]))
+    assert torch.allclose(grid_soft_loss(logits, labels, grid_ids, 0.05), plain, atol=1e-6)
+
+
+def test_ordinal_init_makes_neighbouring_numbers_score_highest() -> None:
+    """After ordinal_init, the embedding of <n> fed straight to lm_head scores <n> first and its neighbours next."""
+    from core.phi import PhiDecoder
+    from training.bootstrap_grid import grid_token_ids, ordinal_init
+
+    torch.manual_seed(0)
+    lm = ModelConfig.preset("demo").language_model.replace(vocab_size=200)
+    decoder = PhiDecoder(lm)
+    grid_ids = grid_token_ids(_GridTokenizer())
+    other = decoder.model.embed_tokens.weight[:10].clone()
+    ordinal_init(decoder, grid_ids, std=0.05)
+    emb, head = decoder.model.embed_tokens.weight[grid_ids], decoder.lm_head.weight[grid_ids]  # [101, D]
+    assert torch.equal(decoder.model.embed_tokens.weight[:10], other)  # the other rows untouched
+    assert torch.equal(emb[0], torch.tensor([0.05] * 64 + [0.0] * 64))  # <0>: cos 1, sin 0
+    scores = emb @ head.T  # [101, 101]
+    assert scores.argmax(1).tolist() == list(range(101))
+    for n in (0, 37, 90):  # falling with the distance from n
+        near = scores[n, n + torch.tensor([0, 1, 2, 5, 10])].tolist()
+        assert near == sorted(near, reverse=True) and len(set(near)) == 5
+    assert grid_token_ids(_SpelledTokenizer()) is None

@@ -89,6 +89,8 @@ _PRESETS = {
             fan_in_init=True,
             binding_weight=1.0,
             feature_pool=1600,
+            grid_ordinal_init=True,
+            grid_sigma=2.0,
         ),
         probe_scenes=96,
     ),

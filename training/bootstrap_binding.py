@@ -9,9 +9,13 @@ projector keeps the order, so the k-th image token of a sequence is cell k.
 
 So, as the vision phase supervises the Q-Former's cross-attention, this supervises the decoder's: for every turn
 about one object (VQA colour / shape / position / "is there" with answer yes, refer, identify), one head of one
-layer, at the position that predicts the first answer token, is trained to attend to that object's image token
+layer, at every position that predicts one of the answer's tokens, is trained to attend to that object's image token
 (`-log p(target)`, added to the answer loss with `LanguagePhase.binding_weight`). The head and the rest of the model
 stay free otherwise; questions about no single object (counts, "is there" with answer no, captions) add nothing.
+Every answer token, not only the first: a box's four numbers are read off the object one by one, and with the first
+token alone supervised the later ones drifted to the object's neighbours (measured in the language phase alone,
+1,200 steps, 144 held-out scenes: refer 0.29 -> 0.53, the box on the right object 0.58 -> 0.94 of the time,
+position 0.55 -> 0.83).
 """
 
 from __future__ import annotations
@@ -44,20 +48,22 @@ def turn_cell(scene: Scene, source: str, meta: dict) -> int | None:
 def binding_targets(
     ids: torch.Tensor, labels: torch.Tensor, cells: list[list[int | None]], image_token_id: int
 ) -> torch.Tensor:
-    """[n, 3] rows of (batch row, query position, key position): the position predicting each turn's first answer
-    token, and the image token of the turn's cell. ids, labels [B, T]; cells[b] lists row b's turns in order (None
-    where a turn is about no single object); turns cut off by truncation are dropped."""
+    """[n, 3] rows of (batch row, query position, key position): every position that predicts an answer token of a
+    turn (all but the answer's closing EOS), with the image token of the turn's cell. ids, labels [B, T]; cells[b]
+    lists row b's turns in order (None where a turn is about no single object); turns cut off by truncation are
+    dropped."""
     out = []
     for b, row_cells in enumerate(cells):
         if not any(c is not None for c in row_cells):
             continue
-        is_answer = labels[b] != IGNORE  # [T]
+        is_answer = torch.cat([labels[b] != IGNORE, torch.tensor([False])])  # [T+1], closed at the end
         starts = (is_answer[1:] & ~is_answer[:-1]).nonzero().flatten() + 1  # first token of each answer run
+        ends = (is_answer[:-1] & ~is_answer[1:]).nonzero().flatten() + 1  # one past its last token (the EOS)
         image = (ids[b] == image_token_id).nonzero().flatten()
-        for turn, start in enumerate(starts.tolist()[: len(row_cells)]):
+        for turn, (start, end) in enumerate(zip(starts.tolist()[: len(row_cells)], ends.tolist())):
             cell = row_cells[turn]
             if cell is not None and cell < len(image):
-                out.append((b, start - 1, int(image[cell])))
+                out.extend((b, t - 1, int(image[cell])) for t in range(start, max(end - 1, start + 1)))
     return torch.tensor(out, dtype=torch.long).reshape(-1, 3)
 
 

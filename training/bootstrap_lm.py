@@ -25,6 +25,8 @@ token each answer is about, instead of finding it from the answer loss alone.
 outputs never change) and draws every step's scenes from the pool in turn, each time with freshly drawn questions,
 instead of encoding fresh scenes each step: the encode was a sixth of a step at width 256, a third at 128.
 
+`grid_ordinal_init` and `grid_sigma` give the grid tokens `<0>` .. `<100>` the order of numbers (training/bootstrap_grid.py).
+
 `norm_mix` > 0 trains the same stock weights, on that share of the steps, with TinyGPT-V's q/k LayerNorm and
 post-attention RMSNorm in place at their fresh values (weight 1, bias 0, not trained, not written): the stages add
 exactly those norms, and a model that never saw them loses its skills when they appear (measured in the note).
@@ -45,6 +47,7 @@ from core.model import Projector, TinyGPTV
 from core.phi import PhiDecoder
 from core.prompts import build_prompt
 from training.bootstrap_binding import AnswerAttention, binding_targets, sample_cells
+from training.bootstrap_grid import grid_soft_loss, grid_token_ids, ordinal_init
 from training.bootstrap_vision import encode, pixels
 from training.collate import IGNORE, Collator
 from training.data.sample import Sample, Turn
@@ -132,6 +135,8 @@ class LanguagePhase:
     binding_layer: int = 1  # the decoder layer and head it trains
     binding_head: int = 0
     feature_pool: int = 0  # > 0: encode this many training scenes once per size and draw every step's scenes from them
+    grid_ordinal_init: bool = False  # grid tokens' rows start as Fourier features of their number (bootstrap_grid)
+    grid_sigma: float = 0.0  # > 0: grid-number answers scored against a Gaussian of this std (bootstrap_grid)
     log_every: int = 25
 
 
@@ -195,6 +200,12 @@ def train_language(model: TinyGPTV, tokenizer, world, phase: LanguagePhase, dead
     stock = model.language_model
     if phase.fan_in_init:
         fan_in_init(stock)
+    grid_ids = grid_token_ids(tokenizer) if phase.grid_ordinal_init or phase.grid_sigma else None
+    if (phase.grid_ordinal_init or phase.grid_sigma) and grid_ids is None:
+        logger.warning("language bootstrap: the tokenizer has no whole grid tokens <0>..<100>; grid settings unused")
+    if grid_ids is not None and phase.grid_ordinal_init:
+        ordinal_init(stock, grid_ids, std=float(stock.model.embed_tokens.weight.std()))
+    soft_grid = grid_ids is not None and phase.grid_sigma > 0
     normed = shared_normed_decoder(stock) if phase.norm_mix > 0 else None
     model.projector = Projector(cfg)
     params = [*stock.parameters(), *model.projector.parameters()]
@@ -241,7 +252,11 @@ def train_language(model: TinyGPTV, tokenizer, world, phase: LanguagePhase, dead
         if binding is not None:
             cells = [sample.meta.get("turn_cells", []) for _, sample in rows]
             binding.targets = binding_targets(ids, labels, cells, cfg.prompt.image_token_id)
-        loss = model(ids, mask, labels=labels, image_features=features)["loss"]
+        if soft_grid:
+            logits = model(ids, mask, image_features=features)["logits"]
+            loss = grid_soft_loss(logits, labels, grid_ids, phase.grid_sigma)
+        else:
+            loss = model(ids, mask, labels=labels, image_features=features)["loss"]
         model.language_model = stock
         total = loss + phase.binding_weight * binding.loss if binding is not None else loss
         optim.zero_grad(set_to_none=True)
