@@ -127,9 +127,13 @@ class EmbeddingTable:
         row per sequence) costs a few system calls instead of a walk over the whole mapping."""
         if not (hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED")) or ids.size == 0:
             return
-        ids = np.unique(ids)  # sorted
-        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-        for first, last in zip(ids[np.r_[0, breaks]].tolist(), ids[np.r_[breaks - 1, ids.size - 1]].tolist()):
+        if ids.size == 1:  # a decode step of one sequence: no sorting and splitting into runs
+            runs = [(int(ids[0]),) * 2]
+        else:
+            ids = np.unique(ids)  # sorted
+            breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+            runs = zip(ids[np.r_[0, breaks]].tolist(), ids[np.r_[breaks - 1, ids.size - 1]].tolist())
+        for first, last in runs:
             for offset, row in self._spans:
                 begin, end = offset + first * row, offset + (last + 1) * row
                 begin -= begin % PAGE  # madvise wants a page-aligned start; neighbouring rows just fault in again

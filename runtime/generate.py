@@ -206,6 +206,7 @@ class DecodeLoop:
         self.step_logits = np.zeros((B, 1, d.vocab_size), dtype=np.float32)  # [B, 1, V]
         self.embed_binding = sessions.embedding.io_binding() if table is None else None
         self.decoder_binding = sessions.decoder.io_binding()
+        self._pointer_bound: dict[str, tuple[int, list[int]]] = {}  # name -> (pointer, shape) bound by _bind_pointer
 
     def embed(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         """ids [rows, T] int64, features [rows, N, D] or None -> inputs_embeds [rows, T, D]."""
@@ -221,17 +222,27 @@ class DecodeLoop:
         new = row_masks.shape[1]
         mask = cache.extend_mask(row_masks)  # [rows, P+T]
         positions = cache.positions(row_masks)  # [rows, T]
-        b.bind_input("inputs_embeds", "cpu", 0, np.float32, embeds_shape, embeds_ptr)
+        self._bind_pointer("inputs_embeds", embeds_shape, embeds_ptr)
         b.bind_cpu_input("attention_mask", mask)
         b.bind_cpu_input("position_ids", positions)
         if logits_out:
             logits = self.step_logits[: cache.rows]
-            b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self._bind_pointer("logits", list(logits.shape), logits.ctypes.data, output=True)
         else:
             b.bind_output("logits", "cpu")  # prefill: [rows, T, V], allocated by onnxruntime for this run only
+            self._pointer_bound.pop("logits", None)
         cache.bind(b, new)
         self.sessions.decoder.run_with_iobinding(b)
         cache.advance(new)
+
+    def _bind_pointer(self, name: str, shape: list[int], pointer: int, output: bool = False) -> None:
+        """Bind a float32 CPU buffer by pointer, unless `name` is bound to that very buffer and shape already (a decode
+        step binds the same fixed buffers every time)."""
+        if self._pointer_bound.get(name) == (pointer, shape):
+            return
+        bind = self.decoder_binding.bind_output if output else self.decoder_binding.bind_input
+        bind(name, "cpu", 0, np.float32, shape, pointer)
+        self._pointer_bound[name] = (pointer, shape)
 
     def prefill(self, embeds: np.ndarray, row_masks: np.ndarray) -> np.ndarray:
         """embeds [rows, T, D] after the cache's P tokens; row_masks [rows, T] -> last logits [rows, V].
@@ -263,6 +274,7 @@ class DecodeLoop:
             if first + size >= total:
                 last = self.decoder_binding.get_outputs()[0].numpy()[:, -1].copy()  # [rows, V]
             self.decoder_binding.clear_binding_outputs()  # let the chunk's logits [rows, C, V] go now
+            self.cache.forget_binding()  # its present outputs went with them
         return self.step_logits[: self.cache.rows, 0] if last_only else last  # [rows, V]
 
     def step(self, next_ids: np.ndarray) -> np.ndarray:

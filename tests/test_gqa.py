@@ -7,6 +7,7 @@ ops run before GQA) and one with 2 heads of 32 and rotary factor 0.5 (16 rotary 
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -121,6 +122,47 @@ def test_gqa_cache_is_one_buffer_bound_as_past_and_present(gqa_dir, tiny_model_d
 
     model = TinyGPTV.from_pretrained(tiny_model_dir).eval()
     assert_cache_holds_pytorch_kv(model, pipe, image, QUESTIONS[0], result.tokens)
+
+
+class _CountingBinding:
+    """An IOBinding that counts the binds of each name (onnxruntime reaches the real one through `_iobinding`)."""
+
+    def __init__(self, binding) -> None:
+        self._binding, self.counts = binding, collections.Counter()
+
+    def bind_input(self, name, *args):
+        self.counts[name] += 1
+        return self._binding.bind_input(name, *args)
+
+    def bind_cpu_input(self, name, *args):
+        self.counts[name] += 1
+        return self._binding.bind_cpu_input(name, *args)
+
+    def bind_output(self, name, *args):
+        self.counts[name] += 1
+        return self._binding.bind_output(name, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._binding, name)
+
+
+def test_gqa_decode_steps_bind_only_what_changes(gqa_dir):
+    """The shared KV buffers and the fixed step buffers are bound once per generation; mask and positions each run."""
+    pipe = Pipeline.load(gqa_dir, threads=1, batch_size=2)
+    expected = pipe.generate(images(1)[0], QUESTIONS[0], max_new_tokens=12).tokens
+    binding = pipe.loop.decoder_binding = _CountingBinding(pipe.loop.decoder_binding)
+    pipe.loop._pointer_bound.clear()
+    pipe.cache.forget_binding()
+    for _ in range(2):  # the second generation starts a new cache: its buffers are bound again, once
+        assert (
+            pipe.generate(images(1)[0], QUESTIONS[0], max_new_tokens=12, min_new_tokens=12).tokens[: len(expected)]
+            == expected
+        )
+    d = pipe.manifest.decoder
+    assert binding.counts[d.past_key(0)] == binding.counts[d.present_value(d.num_layers - 1)] == 2
+    assert binding.counts["attention_mask"] == binding.counts["position_ids"] == 2 * 12  # prefill + 11 steps, twice
+    assert binding.counts["inputs_embeds"] == 2 * 2  # the prompt's array, then the step buffer
+    assert binding.counts["logits"] == 1, binding.counts  # last-position logits: the one step buffer throughout
 
 
 @pytest.mark.parametrize("model, folder", [("tiny_model_dir", "gqa_dir"), ("rope_model_dir", "rope_gqa_dir")])
