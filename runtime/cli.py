@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("resources")
     r.add_argument("--provider", default="cpu", help="cpu (default) or cuda")
     r.add_argument("--threads", type=int, default=None, help="threads per graph (default: one per physical core)")
+    r.add_argument("--no-spin", action="store_true",
+                   help="let onnxruntime's threads sleep between ops instead of spinning (for a machine shared with "
+                   "other work; spinning is faster on a quiet one)")  # fmt: skip
     r.add_argument("--memory-budget", default="8GB", help="refuse to load above this (default 8GB; binary units)")
     r.add_argument("--context", type=int, default=None, help="KV cache length (default: the model's)")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files (trusted folders)")
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = Pipeline.load(
             args.model, provider=args.provider, threads=args.threads, memory_budget=args.memory_budget,
             context=args.context, batch_size=args.batch_size, verify=not args.no_verify, vision=args.vision,
-            embedding=args.embedding,
+            embedding=args.embedding, spin=not args.no_spin,
         )  # fmt: skip
         if args.chat:
             from runtime.cli_chat import run_chat

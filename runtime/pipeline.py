@@ -110,6 +110,7 @@ class Pipeline:
         warm_up: bool = True,
         vision: str = "auto",
         embedding: str = "auto",
+        spin: bool = True,
     ) -> Pipeline:
         """Plan, verify, load and warm up an export folder. Raises a RuntimeInputError subclass on bad input.
 
@@ -118,6 +119,8 @@ class Pipeline:
         image; "auto" keeps it when that plan fits `memory_budget`, else releases (runtime.budget).
         embedding: "auto" gathers from the folder's memory-mapped table when it has one (runtime.embedding), else runs
         the embedding graph; "table" or "graph" forces one.
+        spin: onnxruntime's pool threads spin between ops (faster on a quiet machine); False lets them sleep, for a
+        machine shared with other work (runtime.session).
         """
         resolve_provider(provider)
         manifest = read_manifest(model_dir)
@@ -142,7 +145,7 @@ class Pipeline:
         table = EmbeddingTable.open(manifest) if plan.embedding == "table" else None
         graphs = tuple(g for g, skip in (("vision", plan.vision == "release"), ("embedding", table is not None),
                                          ("decoder", False)) if not skip)  # fmt: skip
-        sessions = Sessions.create(manifest, provider, threads, graphs)
+        sessions = Sessions.create(manifest, provider, threads, graphs, spin)
         cache = KVCache(manifest.decoder, plan.batch_size, plan.context, sessions.device_type)
         pipe = cls(manifest, plan, tokenizer, sessions, cache, table)
         logger.info("vision %s, embedding %s; planned peak %.2f GiB", plan.vision, plan.embedding, plan.peak / 2**30)

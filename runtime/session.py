@@ -6,7 +6,11 @@
 Threads: `threads` sets each session's intra-op pool (None = onnxruntime's default, one per physical core). The three
 graphs run one after another, never at once, so inter-op parallelism stays off. The CPU arena is off: the runtime
 keeps its big buffers (KV cache, decode logits) itself, and without the arena the memory of a prefill goes back to the
-system after it, which keeps the measured peak inside the memory plan. Pool threads do not spin between runs.
+system after it, which keeps the measured peak inside the memory plan. Pool threads spin between ops by default
+(onnxruntime's, genai's and llama.cpp's default): on a quiet 2-core box the real-size int4 decode step is 89.5 ms with
+spinning against 98.5 ms without (10 % faster). On a machine shared with other work, spinning workers steal the cores
+the main thread and the other processes need (the demo step went from 3-4 ms to 6-8 ms on 2 busy cores): `spin=False`
+(CLI `--no-spin`) lets them sleep instead.
 After each graph loads, the C heap is trimmed (glibc's malloc_trim): loading parses the graph's protobuf and prepacks
 its weights, and the freed buffers would otherwise stay resident for the life of the process (measured on the real-size
 int4 Phi-2 decoder: 2.98 GB resident after loading a 1.70 GB file, 2.34 GB after the trim).
@@ -48,7 +52,7 @@ def resolve_provider(provider: str) -> list[str]:
     return [wanted, "CPUExecutionProvider"] if provider != "cpu" else [wanted]
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
         raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}")
     opts = ort.SessionOptions()
@@ -58,10 +62,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     if threads is not None:
         opts.intra_op_num_threads = threads
     opts.enable_cpu_mem_arena = False
-    # Pool threads sleep instead of spinning when a run ends: between decode steps the main thread has Python work
-    # (sampling, binding), and on a small shared CPU spinning workers steal its core; measured on 2 busy cores,
-    # the demo int4 decode step went from 6-8 ms to 3-4 ms.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")  # module docstring
     opts.log_severity_level = 3  # errors only: onnxruntime's warnings about unused initializers are not the user's
     return opts
 
@@ -134,6 +135,7 @@ class Sessions:
     manifest: Manifest
     provider: str
     threads: int | None
+    spin: bool = True  # pool threads spin between ops (module docstring)
     load_seconds: float = 0.0
     trimmed_bytes: int = 0  # heap memory handed back to the system after loading (release_freed_memory)
 
@@ -148,9 +150,10 @@ class Sessions:
         provider: str = "cpu",
         threads: int | None = None,
         graphs: tuple[str, ...] = ("vision", "embedding", "decoder"),
+        spin: bool = True,
     ) -> Sessions:
         """Load `graphs` (the decoder always), in order; the others stay None until `load`."""
-        sessions = cls(None, None, None, manifest, provider, threads)  # type: ignore[arg-type]
+        sessions = cls(None, None, None, manifest, provider, threads, spin)  # type: ignore[arg-type]
         start = time.perf_counter()
         for name in graphs:
             sessions.load(name)
@@ -168,7 +171,9 @@ class Sessions:
         path = self.manifest.path(self.manifest.graphs[name].file)
         try:
             session = ort.InferenceSession(
-                str(path), sess_options=session_options(self.threads), providers=resolve_provider(self.provider)
+                str(path),
+                sess_options=session_options(self.threads, self.spin),
+                providers=resolve_provider(self.provider),
             )
         except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -127,6 +127,19 @@ def test_llama_bench_totals_become_samples_with_its_own_rates():
     assert m["prefill_tok_s"]["values"] == pytest.approx([1280.0, 128 / 0.120])
 
 
+def test_llama_cpp_is_built_without_amx_where_the_cpu_has_it():
+    """llama.cpp's AMX backend segfaults on AMX Xeons (upstream #20824): there the build drops the AMX ISA only."""
+    from benchmarks.runners.llama_cpp import CMAKE_FLAGS, cmake_flags, cpu_has_amx
+
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n"
+    assert cpu_has_amx(amx) and not cpu_has_amx("flags\t\t: fpu avx2 avx512f\n") and not cpu_has_amx("")
+    assert cmake_flags(False) == CMAKE_FLAGS and "-DGGML_NATIVE=ON" in CMAKE_FLAGS
+    assert cmake_flags(True)[len(CMAKE_FLAGS) :] == [
+        "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+        "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    ]
+
+
 def test_bandwidth_limit_arithmetic():
     assert kv_bytes(layers=32, kv_heads=32, head_size=80, tokens=160, element_bytes=4) == 2 * 32 * 32 * 80 * 160 * 4
     limit = decode_limit(weights_bytes=1_500_000_000, kv_bytes_mid=500_000_000, bandwidth_gb_s=40.0)

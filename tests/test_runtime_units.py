@@ -344,3 +344,16 @@ def test_each_graph_load_is_followed_by_a_trim(tiny_export_dir, monkeypatch):
     monkeypatch.setattr(session, "release_freed_memory", lambda: calls.append(1) or 1000)
     sessions = session.Sessions.create(read_manifest(tiny_export_dir), threads=1)
     assert len(calls) == 3 and sessions.trimmed_bytes == 3000
+
+
+def test_pool_threads_spin_unless_told_not_to(tiny_export_dir):
+    """Spinning is onnxruntime's (and genai's) default and the faster one on a quiet box; --no-spin turns it off."""
+    from runtime.cli import build_parser
+    from runtime.session import Sessions, session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2).get_session_config_entry(key) == "1"
+    assert session_options(2, spin=False).get_session_config_entry(key) == "0"
+    assert not Sessions.create(read_manifest(tiny_export_dir), threads=1, spin=False).spin
+    args = build_parser().parse_args(["--model", "m", "--prompt", "x", "--no-spin"])
+    assert args.no_spin and not build_parser().parse_args(["--model", "m", "--prompt", "x"]).no_spin

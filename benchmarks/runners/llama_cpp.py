@@ -60,6 +60,27 @@ def source_dir() -> Path:
     return src
 
 
+# llama.cpp's AMX backend (picked by GGML_NATIVE on CPUs with AMX-INT8) segfaults in its first Q4_0 matmul on the
+# Xeon boxes of 2026-12-02 (llama-bench exit -11 right after "amx repack tensor ..."; upstream ggml-org/llama.cpp#20824,
+# closed unfixed), while `--repack 0` runs. So on such CPUs the build keeps -march=native but drops the AMX ISA, which
+# leaves llama.cpp its AVX-512 path with the Q4_0 interleaved repack (CPU_REPACK), its best kernel without AMX.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether /proc/cpuinfo (or the given text) lists the amx_int8 flag."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return any(line.startswith("flags") and " amx_int8" in line for line in cpuinfo.splitlines())
+
+
+def cmake_flags(amx: bool) -> list[str]:
+    return [*CMAKE_FLAGS, f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"] if amx else list(CMAKE_FLAGS)
+
+
 def build(jobs: int = 2) -> Path:
     """pip download the sdist, unpack vendor/llama.cpp to HOME/src, build llama-bench and llama-quantize."""
     HOME.mkdir(parents=True, exist_ok=True)
@@ -73,7 +94,10 @@ def build(jobs: int = 2) -> Path:
             vendor = next(Path(tmp).glob("*/vendor/llama.cpp"))
             shutil.copytree(vendor, HOME / "src", dirs_exist_ok=True)
     build_dir = HOME / "build"
-    subprocess.run(["cmake", "-S", str(HOME / "src"), "-B", str(build_dir), *CMAKE_FLAGS], check=True)
+    amx = cpu_has_amx()
+    if amx:
+        logger.warning("this CPU has AMX: building llama.cpp without its AMX backend (see NO_AMX)")
+    subprocess.run(["cmake", "-S", str(HOME / "src"), "-B", str(build_dir), *cmake_flags(amx)], check=True)
     subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama-bench", "llama-quantize"],
                    check=True)  # fmt: skip
     return build_dir / "bin"

@@ -7,8 +7,9 @@ vision.onnx with plain onnxruntime (genai's own image processors are not TinyGPT
 so the two runtimes get identical inputs. A builder's folder (type "phi", input_ids in, one graph) is fed token ids.
 
 An export folder from before genai_config.json existed gets one in a temporary folder of links (`shadow_folder`).
-Threads: the overlay sets genai's intra-op threads; its pools spin between runs (genai_config has no setting for
-that), while our runtime turns spinning off, so on a busy machine compare at 1 thread, where no pool exists.
+Threads: the overlay sets genai's intra-op threads; its pools spin between ops, as our runtime's do by default
+(`--no-spin` turns ours off; genai_config has no such setting), so on a busy machine compare at 1 thread, where no pool
+exists.
 """
 
 from __future__ import annotations
