@@ -10,7 +10,9 @@ system after it, which keeps the measured peak inside the memory plan. Pool thre
 (onnxruntime's, genai's and llama.cpp's default): on a quiet 2-core box the real-size int4 decode step is 89.5 ms with
 spinning against 98.5 ms without (10 % faster). On a machine shared with other work, spinning workers steal the cores
 the main thread and the other processes need (the demo step went from 3-4 ms to 6-8 ms on 2 busy cores): `spin=False`
-(CLI `--no-spin`) lets them sleep instead.
+(CLI `--no-spin`) lets them sleep instead. Only the decoder's pool spins: the vision and embedding graphs run once per
+request, and their spinning pools (onnxruntime keeps spinning a while after a run) took the cores from the prefill that
+follows (demo time to first token 19-27 ms -> 38-50 ms with every pool spinning).
 After each graph loads, the C heap is trimmed (glibc's malloc_trim): loading parses the graph's protobuf and prepacks
 its weights, and the freed buffers would otherwise stay resident for the life of the process (measured on the real-size
 int4 Phi-2 decoder: 2.98 GB resident after loading a 1.70 GB file, 2.34 GB after the trim).
@@ -172,7 +174,7 @@ class Sessions:
         try:
             session = ort.InferenceSession(
                 str(path),
-                sess_options=session_options(self.threads, self.spin),
+                sess_options=session_options(self.threads, self.spin and name == "decoder"),
                 providers=resolve_provider(self.provider),
             )
         except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types

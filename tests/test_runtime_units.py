@@ -347,13 +347,17 @@ def test_each_graph_load_is_followed_by_a_trim(tiny_export_dir, monkeypatch):
 
 
 def test_pool_threads_spin_unless_told_not_to(tiny_export_dir):
-    """Spinning is onnxruntime's (and genai's) default and the faster one on a quiet box; --no-spin turns it off."""
+    """The decoder's pool spins (onnxruntime's and genai's default, faster on a quiet box); --no-spin turns it off."""
     from runtime.cli import build_parser
     from runtime.session import Sessions, session_options
 
     key = "session.intra_op.allow_spinning"
     assert session_options(2).get_session_config_entry(key) == "1"
     assert session_options(2, spin=False).get_session_config_entry(key) == "0"
+    sessions = Sessions.create(read_manifest(tiny_export_dir), threads=2)
+    spins = {name: getattr(sessions, name).get_session_options().get_session_config_entry(key)
+             for name in ("vision", "embedding", "decoder")}  # fmt: skip
+    assert spins == {"vision": "0", "embedding": "0", "decoder": "1"}  # once-per-request graphs never spin
     assert not Sessions.create(read_manifest(tiny_export_dir), threads=1, spin=False).spin
     args = build_parser().parse_args(["--model", "m", "--prompt", "x", "--no-spin"])
     assert args.no_spin and not build_parser().parse_args(["--model", "m", "--prompt", "x"]).no_spin
