@@ -211,6 +211,9 @@ def export_folder(
             if found and found.is_file() and name == "decoder" and decoder_attention(found) != options.attention:
                 logger.info("%s holds a %s decoder; tracing a %s one", graphs_from, decoder_attention(found),
                             options.attention)  # fmt: skip
+            elif found and found.is_file() and name == "vision" and vision_size(found) != model.config.image.size:
+                logger.info("%s holds a %s px vision graph; tracing a %d px one", graphs_from, vision_size(found),
+                            model.config.image.size)  # fmt: skip
             elif found and found.is_file():
                 logger.info("copying the fp32 %s graph from %s", name, graphs_from)
                 for part in Path(graphs_from).glob(file + "*"):
@@ -278,6 +281,12 @@ def decoder_attention(path: Path) -> str:
     signature = graph_signature(path)
     past = next(i["shape"] for i in signature["inputs"] if i["name"] == PAST_KEY % 0)
     return "gqa" if past[2] == GQA_KV_AXIS else "plain"
+
+
+def vision_size(path: Path) -> int | str:
+    """The image size a vision graph file takes (its pixel_values' last axis; a name where that axis is dynamic)."""
+    pixels = next(i["shape"] for i in graph_signature(path)["inputs"] if i["name"] == "pixel_values")
+    return pixels[-1]
 
 
 def folder_size_of_graph(folder: Path, file: str) -> int:

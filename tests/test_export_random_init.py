@@ -79,7 +79,8 @@ def test_image_size_is_checked(tmp_path, tiny_model_dir):
 
 
 def test_graphs_from_copies_the_graphs_it_holds_and_traces_the_rest(tmp_path, tiny_export_dir, capsys):
-    """The 448-px folder of a random-init model: decoder and embedding copied from the 224-px one, vision traced."""
+    """The 448-px folder of a random-init model from the 224-px one's graphs: decoder and embedding copied, and the
+    vision graph, which the source holds at another size, traced at the asked one."""
     import shutil
 
     import onnx
@@ -88,7 +89,7 @@ def test_graphs_from_copies_the_graphs_it_holds_and_traces_the_rest(tmp_path, ti
 
     source = tmp_path / "fp32"
     source.mkdir()
-    for name in ("decoder.onnx", "embedding.onnx"):
+    for name in ("decoder.onnx", "embedding.onnx", "vision.onnx"):
         shutil.copy(tiny_export_dir / name, source / name)
     manifest = export_folder(tmp_path / "r", preset="tiny", options=ExportOptions(image_size=48), graphs_from=source)
     assert manifest["image"]["size"] == 48 and manifest["validation"]["passed"]
