@@ -2,7 +2,11 @@
 
     python -m export.onnx --preset tinygptv --random-init --precision int4 --quant rtn --vision-precision int8 \\
         --out /work/big/tinygptv-int4-rtn-v8
-    python -m export.onnx ... --image-size 448 --out /work/big/tinygptv-int4-rtn-v8-448
+    # 448 px in two processes: in one, the traced model and the int8 quantizer together passed 23 GB (killed)
+    python -m export.onnx --preset tinygptv --random-init --precision fp32 --no-validate --image-size 448 \
+        --out /work/big/tinygptv-fp32-graphs-448
+    python -m export.onnx ... --image-size 448 --graphs-from /work/big/tinygptv-fp32-graphs-448 \
+        --out /work/big/tinygptv-int4-rtn-v8-448
     python -m benchmarks.realsize --model /work/big/tinygptv-int4-rtn-v8 --model /work/big/tinygptv-int4-rtn-v8-448 \\
         --out reports/realsize --context 2048 --new-tokens 64 --budget 8GB --goal 4GB
 
