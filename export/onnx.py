@@ -208,12 +208,9 @@ def export_folder(
     with staging_folder(out, force) as tmp:
         for name, file in GRAPH_FILES.items():
             found = Path(graphs_from) / file if graphs_from else None
-            if found and found.is_file() and name == "decoder" and decoder_attention(found) != options.attention:
-                logger.info("%s holds a %s decoder; tracing a %s one", graphs_from, decoder_attention(found),
-                            options.attention)  # fmt: skip
-            elif found and found.is_file() and name == "vision" and vision_size(found) != model.config.image.size:
-                logger.info("%s holds a %s px vision graph; tracing a %d px one", graphs_from, vision_size(found),
-                            model.config.image.size)  # fmt: skip
+            mismatch = found and found.is_file() and copy_mismatch(name, found, options.attention, model.config)
+            if mismatch:
+                logger.info("%s: %s; tracing it again", found, mismatch)
             elif found and found.is_file():
                 logger.info("copying the fp32 %s graph from %s", name, graphs_from)
                 for part in Path(graphs_from).glob(file + "*"):
@@ -281,6 +278,15 @@ def decoder_attention(path: Path) -> str:
     signature = graph_signature(path)
     past = next(i["shape"] for i in signature["inputs"] if i["name"] == PAST_KEY % 0)
     return "gqa" if past[2] == GQA_KV_AXIS else "plain"
+
+
+def copy_mismatch(name: str, path: Path, attention: str, cfg: ModelConfig) -> str | None:
+    """Why the fp32 graph file of graph `name` cannot be copied into this export (None: it can)."""
+    if name == "decoder" and (held := decoder_attention(path)) != attention:
+        return f"it holds a {held} decoder, this export a {attention} one"
+    if name == "vision" and (held := vision_size(path)) != cfg.image.size:
+        return f"it holds a {held} px vision graph, this export a {cfg.image.size} px one"
+    return None
 
 
 def vision_size(path: Path) -> int | str:

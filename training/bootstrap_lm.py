@@ -200,8 +200,9 @@ def train_language(model: TinyGPTV, tokenizer, world, phase: LanguagePhase, dead
     stock = model.language_model
     if phase.fan_in_init:
         fan_in_init(stock)
-    grid_ids = grid_token_ids(tokenizer) if phase.grid_ordinal_init or phase.grid_sigma else None
-    if (phase.grid_ordinal_init or phase.grid_sigma) and grid_ids is None:
+    wants_grid = phase.grid_ordinal_init or phase.grid_sigma > 0
+    grid_ids = grid_token_ids(tokenizer) if wants_grid else None
+    if wants_grid and grid_ids is None:
         logger.warning("language bootstrap: the tokenizer has no whole grid tokens <0>..<100>; grid settings unused")
     if grid_ids is not None and phase.grid_ordinal_init:
         ordinal_init(stock, grid_ids, std=float(stock.model.embed_tokens.weight.std()))
