@@ -9,12 +9,14 @@ Steps (each model is kept under --out/models and reused by later runs unless --r
    (std 0.02), written as a Hugging Face Phi folder with a stand-in byte-level tokenizer (<|endoftext|> = 50256);
 2. ours: the same weights through our exporter (`export.onnx`, --precision int4 --quant rtn --symmetric by default,
    like the builder's default RTN: symmetric, block 32, accuracy level 4; the default --attention, GroupQueryAttention
-   with a shared KV buffer), with a small vision part in front (the decoder is what is compared);
+   with a shared KV buffer; --prefill-graph int8), with a small vision part in front (the decoder is what is compared);
 3. the builder: `python -m onnxruntime_genai.models.builder -i PHI -o DIR -p int4 -e cpu` (fused attention, rotary,
    SkipLayerNorm);
 4. llama.cpp: convert_hf_to_gguf.py + llama-quantize Q4_0 (skipped with a note if llama.cpp is not built:
    `python -m benchmarks.runners.llama_cpp --build`);
-5. the sweep: ours (our runtime), ours through onnxruntime-genai, the builder's graph through onnxruntime-genai,
+5. the sweep: ours (our runtime, prompts through the int4 decoder: the same weights in memory as the peers), ours with
+   the int8 prefill graph (ours-prefill8: prompts through it, steps through the int4 decoder; both in memory), ours
+   through onnxruntime-genai, the builder's graph through onnxruntime-genai,
    llama-bench, transformers bf16 (and, named in --runtimes, ours-plain / ours-plain-genai: our export with
    --attention plain, past in and past + new out); text prompts of exactly --prompt-tokens synthetic ids, exactly
    --new-tokens.
@@ -43,7 +45,7 @@ from benchmarks.workload import synthetic_ids
 logger = logging.getLogger("benchmarks.peers")
 
 EOS = 50256  # Phi-2's <|endoftext|>
-RUNTIMES = ("ours", "ours-genai", "builder", "llama-cpp", "transformers")
+RUNTIMES = ("ours", "ours-prefill8", "ours-genai", "builder", "llama-cpp", "transformers")
 PLAIN_RUNTIMES = ("ours-plain", "ours-plain-genai")  # the same, exported with --attention plain; on request
 
 
@@ -103,7 +105,9 @@ def export_ours(phi: Path, out: Path, precision: str, quant: str, attention: str
     model = TinyGPTV(cfg).eval()
     load_phi_folder(model.language_model, phi)
     symmetric = (precision, quant) == ("int4", "rtn")  # as the builder quantizes
-    options = ExportOptions(precision=precision, quant=quant, symmetric=symmetric, attention=attention)
+    prefill = "int8" if precision == "int4" and attention == "gqa" else None  # the runtime chooses whether to use it
+    options = ExportOptions(precision=precision, quant=quant, symmetric=symmetric, attention=attention,
+                            prefill_graph=prefill)  # fmt: skip
     export_folder(out, options=options, tokenizer_dir=phi, model=model)
 
 
@@ -140,7 +144,8 @@ def prepare(models: Path, layers: int, precision: str, quant: str, wanted: set[s
         shutil.rmtree(models, ignore_errors=True)
     models.mkdir(parents=True, exist_ok=True)
     phi = models / f"phi2-l{layers}"
-    paths = {"phi": phi, "ours": models / f"ours-gqa-{precision}-l{layers}",  # int4 and fp32 export GQA by default
+    twin = "-p8" if precision == "int4" else ""  # int4: with the int8 prefill graph
+    paths = {"phi": phi, "ours": models / f"ours-gqa-{precision}{twin}-l{layers}",  # int4 and fp32 export GQA by default
              "ours-plain": models / f"ours-{precision}-l{layers}",
              "builder": models / f"builder-{precision}-l{layers}", "gguf": models / f"phi2-l{layers}-q4_0.gguf"}  # fmt: skip
     skips: dict[str, str] = {}
@@ -149,7 +154,7 @@ def prepare(models: Path, layers: int, precision: str, quant: str, wanted: set[s
         why = in_child(make_stock_phi, phi, layers)
         if why:
             raise RuntimeError(why)
-    steps = [("ours", export_ours, (phi, paths["ours"], precision, quant, "gqa"), {"ours", "ours-genai"}),
+    steps = [("ours", export_ours, (phi, paths["ours"], precision, quant, "gqa"), {"ours", "ours-prefill8", "ours-genai"}),
              ("ours-plain", export_ours, (phi, paths["ours-plain"], precision, quant, "plain"), set(PLAIN_RUNTIMES)),
              ("builder", build_builder, (phi, paths["builder"], precision), {"builder"}),
              ("gguf", build_gguf, (phi, paths["gguf"]), {"llama-cpp"})]  # fmt: skip
@@ -212,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     paths, skips = built["paths"], built["skips"]
     p = args.precision
     options = {
-        "ours": Target("ours", str(paths["ours"]), f"ours {p}", p, context=2048, skip=skips.get("ours")),
+        "ours": Target("ours", str(paths["ours"]), f"ours {p}", p, context=2048, options={"prefill": "decoder"},
+                       skip=skips.get("ours")),
+        "ours-prefill8": Target("ours", str(paths["ours"]), f"ours {p} + int8 prefill", p, context=2048,
+                                options={"prefill": "graph"},
+                                skip=skips.get("ours") or (None if p == "int4" else "an int8 prefill graph is for int4")),
         "ours-genai": Target("ort-genai", str(paths["ours"]), f"ours {p} via ort-genai", p, context=2048,
                              skip=skips.get("ours")),
         "ours-plain": Target("ours", str(paths["ours-plain"]), f"ours plain {p}", p, context=2048,

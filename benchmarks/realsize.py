@@ -31,12 +31,13 @@ from pathlib import Path
 from benchmarks.report import write_report
 from benchmarks.sweep import Target, sweep
 from benchmarks.workload import Workload, WorkloadError, prompt_ids, read_export_manifest, text_only
-from runtime.budget import EMBEDDING_MODES, VISION_MODES, format_bytes, parse_bytes
+from runtime.budget import EMBEDDING_MODES, PREFILL_MODES, VISION_MODES, format_bytes, parse_bytes
 from runtime.errors import RuntimeInputError
 
 PLAN_TERMS = (
     "weights",
     "prepacked",
+    "prefill_graph",
     "load_transient",
     "kv_cache",
     "activations",
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per folder")
     p.add_argument("--vision", default="auto", choices=VISION_MODES, help="the runtime's vision mode (runtime.budget)")
     p.add_argument("--embedding", default="auto", choices=EMBEDDING_MODES, help="the runtime's embedding mode")
+    p.add_argument("--prefill", default="auto", choices=PREFILL_MODES, help="the runtime's prefill mode (the "
+                   "folder's int8 prefill graph or the decoder)")  # fmt: skip
     args = p.parse_args(argv)
     if args.context < 2 or args.new_tokens < 1 or args.new_tokens >= args.context or args.threads < 1:
         p.error("need --context >= 2, 1 <= --new-tokens < --context and --threads >= 1")
@@ -97,12 +100,17 @@ def _verdict(peak: int | None, limit: int) -> str:
     return f"{'within' if peak <= limit else 'OVER'} ({peak / limit:.0%})"
 
 
-def plan_for(folder: str, context: int, budget: str, vision: str = "auto", embedding: str = "auto") -> dict:
+def plan_for(
+    folder: str, context: int, budget: str, vision: str = "auto", embedding: str = "auto", prefill: str = "auto"
+) -> dict:
     """The runtime's memory plan for `folder` at `context`, worked out from its manifest (nothing is loaded)."""
     from runtime.budget import plan_memory
     from runtime.manifest import read_manifest
 
-    return plan_memory(read_manifest(folder), context, budget=budget, vision=vision, embedding=embedding).to_dict()
+    plan = plan_memory(
+        read_manifest(folder), context, budget=budget, vision=vision, embedding=embedding, prefill=prefill
+    )
+    return plan.to_dict()
 
 
 def memory_rows(records: list[dict], manifests: dict[str, dict], budget: int, goal: int) -> list[dict]:
@@ -125,7 +133,7 @@ def memory_rows(records: list[dict], manifests: dict[str, dict], budget: int, go
             "decoder": (quant.get("decoder") or {}).get("method"),
             "sizes": {k: sizes.get(f"{k}_bytes") for k in ("folder", "vision", "embedding", "decoder")},
             "context": c.get("context"), "prompt_tokens": c["prompt_tokens"], "new_tokens": c["new_tokens"],
-            "plan": {k: plan.get(k) for k in (*PLAN_TERMS, "peak", "budget", "vision", "embedding")},
+            "plan": {k: plan.get(k) for k in (*PLAN_TERMS, "peak", "budget", "vision", "embedding", "prefill")},
             "peak_rss_bytes": peak, "peak_rss_after_load_bytes": m.get("peak_rss_after_load_bytes"),
             "load_s": None if load is None else load / 1e3,
             "vision_load_s": ((m.get("vision_load_ms") or {}).get("median") or 0) / 1e3,
@@ -146,7 +154,7 @@ def memory_table(rows: list[dict]) -> str:
         f"planned peak | peak RSS (VmHWM) | peak while loading | vs budget {_gib(budget)} | vs goal {_gib(goal)} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    terms = ["| folder | vision / embedding | " + " | ".join(t.replace("_", " ") for t in PLAN_TERMS) +
+    terms = ["| folder | vision / embedding / prompts | " + " | ".join(t.replace("_", " ") for t in PLAN_TERMS) +
              " | planned peak |", "|---|---|" + "---|" * (len(PLAN_TERMS) + 1)]  # fmt: skip
     for r in rows:
         s, plan = r["sizes"], r["plan"]
@@ -159,7 +167,9 @@ def memory_table(rows: list[dict]) -> str:
             f"{_gib(r['peak_rss_bytes'])} | {_gib(r['peak_rss_after_load_bytes'])} | "
             f"{_verdict(r['peak_rss_bytes'], budget)} | {_verdict(r['peak_rss_bytes'], goal)} |"
         )
-        modes = f"{plan.get('vision') or 'keep'} / {plan.get('embedding') or 'graph'}"
+        modes = (
+            f"{plan.get('vision') or 'keep'} / {plan.get('embedding') or 'graph'} / {plan.get('prefill') or 'decoder'}"
+        )
         terms.append(f"| {r['folder']} | {modes} | " + " | ".join(_gib(plan.get(t)) for t in PLAN_TERMS) +
                      f" | {_gib(plan.get('peak'))} |")  # fmt: skip
     text = "\n".join(lines) + "\n\nThe memory plan by term (runtime.budget):\n\n" + "\n".join(terms) + "\n"
@@ -190,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         precision = (manifest.get("quantization") or {}).get("precision", "fp32")
         label = f"ours {precision} {manifest['image']['size']}px"
         target = Target("ours", folder, label, precision, image=True, context=args.context,
-                        options={"vision": args.vision, "embedding": args.embedding})  # fmt: skip
+                        options={"vision": args.vision, "embedding": args.embedding, "prefill": args.prefill})  # fmt: skip
         records += sweep([target], [args.threads], [prompt_tokens], args.new_tokens, args.reps, args.warmup,
                          lambda n, f=folder: ids[f], str(request.image), out / "runs" / Path(folder).name,
                          memory_budget=args.plan_budget or args.budget, run_context=args.context,
                          timeout=args.timeout)  # fmt: skip
         records[-1]["plan"] = plan_for(folder, args.context, args.plan_budget or args.budget, args.vision,
-                                       args.embedding)  # fmt: skip
+                                       args.embedding, args.prefill)  # fmt: skip
     rows = memory_rows(records, manifests, args.budget_bytes, args.goal_bytes)
     preamble = (
         f"Context {args.context:,}: prompt {prompt_tokens:,} tokens (32 image tokens included) + {args.new_tokens} "

@@ -30,6 +30,8 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 FORMAT = "tinygptv-export"
 GRAPH_FILES = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
+# optional: the decoder again at another precision, for prompts only (export.prefill_graph); same inputs and outputs
+OPTIONAL_GRAPH_FILES = {"decoder_prefill": "decoder_prefill.onnx"}
 KV_TEMPLATES = {
     "past_key": "past_key_values.%d.key",
     "past_value": "past_key_values.%d.value",
@@ -84,9 +86,10 @@ def build_manifest(
     folder = Path(folder)
     lm = cfg.language_model
     graphs = {}
-    for name, file in GRAPH_FILES.items():
+    present = {n: f for n, f in OPTIONAL_GRAPH_FILES.items() if (folder / f).is_file()}
+    for name, file in {**GRAPH_FILES, **present}.items():
         graphs[name] = {"file": file, "sha256": sha256_file(folder / file), **graph_signature(folder / file)}
-    graph_files = set(GRAPH_FILES.values())
+    graph_files = set(GRAPH_FILES.values()) | set(present.values())
     files = {f: sha256_file(folder / f) for f in folder_files(folder) if f not in graph_files}
     logits_shape = next(o["shape"] for o in graphs["decoder"]["outputs"] if o["name"] == "logits")
     past_shape = next(i["shape"] for i in graphs["decoder"]["inputs"] if i["name"] == KV_TEMPLATES["past_key"] % 0)

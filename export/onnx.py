@@ -16,6 +16,10 @@
               MatMulNBits, a little less exact). Default asymmetric: a zero point per block.
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
+--prefill-graph int8  with --precision int4: also write decoder_prefill.onnx, the decoder at int8, which the runtime
+              runs prompts through (onnxruntime's int8 GEMM: ~4x faster than MatMulNBits on a 128-token prompt) while
+              decode steps stay on the int4 graph, against the same KV cache. Costs the int8 weights on disk and, when
+              the runtime uses it (runtime.budget decides under the memory budget), in memory. See export/quantize.py.
 --calib-data  GPTQ's calibration examples, --eval-data the held-out examples of the manifest's quality row: JSON lines
               of image + prompt + expected answer (export/calibration.py; the demo writes them from the synthetic world).
 --image-size  with --random-init: the size the vision graph runs at (default: the preset's, 224 for tinygptv). The
@@ -57,13 +61,21 @@ from export.genai import write_genai_config
 from export.gqa import ATTENTIONS, gqa_supported, resolve_attention
 from export.graphs import GRAPH_FILES, OPSET, PAST_KEY, export_graph
 from export.last_logits import set_logits_positions
-from export.manifest import GQA_KV_AXIS, build_manifest, graph_signature, sha256_file, write_manifest
+from export.manifest import (
+    GQA_KV_AXIS,
+    OPTIONAL_GRAPH_FILES,
+    build_manifest,
+    graph_signature,
+    sha256_file,
+    write_manifest,
+)
 from export.random_init import is_lazy, lazy_random_model, materialized, stand_in_tokenizer
 from export.validate import smoke_validate, validate_folder
 
 logger = logging.getLogger("export.onnx")
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PREFILL_GRAPHS = ("int8",)
 QUANT_METHODS = ("gptq", "rtn", "hqq", "gptq-ort")
 BLOCK_SIZES = (32, 64, 128)
 
@@ -84,6 +96,7 @@ class ExportOptions:
     seed: int = 0
     image_size: int | None = None  # with --random-init: the vision graph's input size (None: the preset's)
     attention: str = "auto"  # "gqa": GroupQueryAttention and a shared KV buffer (export.gqa); auto: gqa where supported
+    prefill_graph: str | None = None  # "int8": also write the decoder at int8 for prompts (int4 only, export.quantize)
 
     def vision(self) -> str:
         if self.vision_precision:
@@ -189,6 +202,13 @@ def export_folder(
         )
     if options.gptq_checkpoint and options.precision != "int4":
         raise ExportError(f"--gptq-checkpoint gives int4 weights; pass --precision int4 (not {options.precision})")
+    if options.prefill_graph is not None and options.prefill_graph not in PREFILL_GRAPHS:
+        raise ExportError(f"--prefill-graph {options.prefill_graph!r}: choose one of {', '.join(PREFILL_GRAPHS)}")
+    if options.prefill_graph and options.precision != "int4":
+        raise ExportError(
+            f"--prefill-graph is for --precision int4 (an int8 graph for prompts beside the int4 one for decode "
+            f"steps); with --precision {options.precision} the decoder itself runs the prompt"
+        )
     refuse_existing(out, force)  # before the (slow) model load; staging_folder checks again
     start = time.monotonic()
     model_path = Path(model_dir) if model_dir else None
@@ -265,6 +285,11 @@ def export_folder(
         manifest["sizes"] = (
             {"folder_bytes": folder_size(tmp)}
             | {f"{n}_bytes": folder_size_of_graph(tmp, f) for n, f in GRAPH_FILES.items()}
+            | {
+                f"{n}_bytes": folder_size_of_graph(tmp, f)
+                for n, f in OPTIONAL_GRAPH_FILES.items()
+                if (tmp / f).is_file()
+            }
             | {"embedding_table_bytes": (tmp / table["file"]).stat().st_size}
         )
         if quality is not None:
@@ -325,6 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration sequences (the file's first N)")
     quant.add_argument("--gptq-checkpoint", help="int4 from this python -m export.gptq folder (same integers)")
     quant.add_argument("--vision-precision", choices=("fp32", "fp16", "int8"), help="vision graph (default: see above)")
+    quant.add_argument("--prefill-graph", choices=PREFILL_GRAPHS, help="int4: an int8 copy of the decoder for prompts")
     other = parser.add_argument_group("other")
     other.add_argument("--graphs-from", help="copy the fp32 graphs this folder holds instead of tracing them")
     other.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -346,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                             vision_precision=args.vision_precision, gptq_checkpoint=args.gptq_checkpoint,
                             eval_data=args.eval_data, quality_samples=args.quality_samples,
                             validate=not args.no_validate, seed=args.seed, image_size=args.image_size,
-                            attention=args.attention)  # fmt: skip
+                            attention=args.attention, prefill_graph=args.prefill_graph)  # fmt: skip
     try:
         if args.graphs_from and not Path(args.graphs_from).is_dir():
             raise ExportError(f"--graphs-from {args.graphs_from}: no such folder")

@@ -9,6 +9,8 @@
 2. Random inputs, batch 2 with the first row left-padded: vision, embedding, then the decoder at past length 0 (prefill)
    and 3 decode steps, each side feeding back its own KV cache (a GQA decoder, export.gqa: one buffer per layer bound
    as both past and present, as the runtime runs it).
+   A folder with a prefill graph (export.quantize: decoder_prefill.onnx) runs the prefill through it and the decode
+   steps through the decoder, against the same cache, as the runtime does.
 3. A real input, batch 1: a drawn image and a templated question through vision -> embedding -> decoder, prefill and
    3 greedy steps. Both sides are fed PyTorch's greedy token so the comparison stays on one sequence; whether the
    ONNX argmax agreed is reported per step.
@@ -36,12 +38,15 @@ from core.phi import position_ids_from_mask
 from core.prompts import build_prompt
 from core.tokenizer import TextTokenizer
 from export.graphs import GraphSpec, graph_specs
+from export.manifest import OPTIONAL_GRAPH_FILES
 
 logger = logging.getLogger(__name__)
 
 FP32_ATOL = 1e-4
 FP32_RTOL = 1e-3
 DECODE_STEPS = 3
+PREFILL = "decoder_prefill"
+PREFILL_FILE = OPTIONAL_GRAPH_FILES[PREFILL]
 
 
 def open_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
@@ -130,7 +135,7 @@ def _run_decoder_chain(model, sessions, specs, tracker, embeds, mask, step_embed
     by the padding (export.gqa: rotary by slot), so its `present` is compared on rows without left padding.
     """
     lm = model.config.language_model
-    spec, session = specs["decoder"], sessions["decoder"]
+    spec = specs["decoder"]
     B = embeds.shape[0]
     gqa = _is_gqa(spec)
     slots = mask.shape[1] + DECODE_STEPS if gqa else 0
@@ -139,6 +144,7 @@ def _run_decoder_chain(model, sessions, specs, tracker, embeds, mask, step_embed
     pt_past = None
     steps = []
     for step in range(DECODE_STEPS + 1):
+        session = sessions.get(PREFILL, sessions["decoder"]) if step == 0 else sessions["decoder"]
         feed = _decoder_feed(spec.inputs, embeds, mask, ort_past)
         found = run_shared_buffer(session, spec, feed, buffers) if gqa else session.run(None, feed)
         with torch.no_grad():
@@ -246,7 +252,12 @@ def validate_folder(
     specs = graph_specs(model, attention)
     sessions = {name: open_session(folder / spec.file) for name, spec in specs.items()}
     problems = [p for name in specs for p in check_signature(sessions[name], specs[name])]
+    if (folder / PREFILL_FILE).is_file():  # the decoder's twin for prompts: the same signature
+        sessions[PREFILL] = open_session(folder / PREFILL_FILE)
+        problems += check_signature(sessions[PREFILL], specs["decoder"])
     report: dict[str, Any] = {"precision": precision, "signature_problems": problems}
+    if PREFILL in sessions:
+        report["prefill_graph"] = f"{PREFILL_FILE} ran each prefill (step 0), the decoder the steps after"
     report["random"] = validate_random(model, sessions, specs, seed)
     if tokenizer is not None:
         report["real"] = validate_real(model, tokenizer, sessions, specs, question)
@@ -287,15 +298,21 @@ def smoke_validate(folder: str | Path, model: TinyGPTV, seed: int = 0, attention
     ids = rng.integers(1, cfg.prompt.image_token_id, (1, cfg.num_image_tokens + 8))
     ids[0, 1 : 1 + cfg.num_image_tokens] = cfg.prompt.image_token_id
     (embeds,) = session.run(None, {"input_ids": ids, "image_features": features})
-    session = open_session(folder / specs["decoder"].file)
-    problems += check_signature(session, specs["decoder"])
+    decoder = open_session(folder / specs["decoder"].file)
+    problems += check_signature(decoder, specs["decoder"])
+    prefill = decoder
+    if (folder / PREFILL_FILE).is_file():  # runs the prefill (step 0), as in the runtime
+        prefill = open_session(folder / PREFILL_FILE)
+        problems += check_signature(prefill, specs["decoder"])
+        report["prefill_graph"] = f"{PREFILL_FILE} ran the prefill (step 0), the decoder the steps after"
     mask = np.ones(ids.shape, np.int64)
     gqa = attention == "gqa"
     slots = mask.shape[1] + DECODE_STEPS if gqa else 0
     buffers = [np.zeros((1, lm.num_heads, slots, lm.head_size), np.float32) for _ in range(2 * lm.num_layers)]
     past = buffers
     finite = bool(np.isfinite(features).all() and np.isfinite(embeds).all())
-    for _ in range(DECODE_STEPS + 1):
+    for step in range(DECODE_STEPS + 1):
+        session = prefill if step == 0 else decoder
         feed = _decoder_feed(specs["decoder"].inputs, embeds, mask, past)
         if gqa:
             logits, *past = run_shared_buffer(session, specs["decoder"], feed, buffers)

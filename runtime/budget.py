@@ -37,7 +37,15 @@ Terms (bytes):
   activations no longer add the vision's, and `load transient` counts only the graphs loaded at start.
   "keep" loads the three graphs at start and keeps them (no reload per request). "auto" keeps when that plan fits
   the budget and releases when only the release plan fits (the reload costs seconds per image: see runtime.pipeline).
-Peak = runtime + weights + prepacked + max(load transient, KV cache + activations + arena + table, vision phase).
+- prefill graph: a folder exported with `--prefill-graph int8` (export.quantize) holds the decoder twice, int4 for
+  decode steps and int8 for prompts (~4x faster prefill). "graph" loads the int8 one too: its file bytes stay resident
+  (measured at 8 Phi-2 layers: 1.02x its bytes after load; onnxruntime packs the int8 weights and drops the file's
+  copy), and while it loads a transient of PREFILL_LOAD_FRACTION of them. Its arena holds the prompt's activations,
+  the decoder's then only a step's, so activations do not change. "decoder" runs prompts through the int4 decoder
+  and leaves the int8 graph on disk; "auto" (the default) loads it when that plan fits the budget, before keeping
+  the vision graph: a prompt is prefilled on every request, an image loaded once per request.
+Peak = runtime + weights + prepacked + prefill graph
+       + max(load transient, KV cache + activations + arena + table, vision phase).
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ PREFILL_CHUNK = 256
 ARENA_FRACTION = 0.5  # arena overhead as a fraction of activations (power-of-two chunk growth, at most 2x)
 PREPACK_FRACTION = 0.4  # int4 decoder: resident bytes after load / file bytes - 1, measured 0.376 at real size
 VISION_MODES = ("auto", "keep", "release")
+PREFILL_MODES = ("auto", "graph", "decoder")
+PREFILL_GRAPH = "decoder_prefill"  # runtime.manifest.OPTIONAL_GRAPHS
+PREFILL_LOAD_FRACTION = 0.2  # the int8 prefill graph's load peak beyond its bytes; measured 0.17 at 8 Phi-2 layers
 EMBEDDING_MODES = ("auto", "table", "graph")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -109,6 +120,8 @@ class MemoryPlan:
     embedding: str = "graph"  # "graph": the embedding graph's session; "table": rows gathered from the mapped table
     vision_phase: int = 0  # "release": vision weights + max(their load transient, vision activations + arena)
     table: int = 0  # "table": the table's pages one gather makes resident (context x batch rows)
+    prefill: str = "decoder"  # "graph": prompts run through the folder's int8 prefill graph; "decoder": the decoder
+    prefill_graph: int = 0  # "graph": the prefill graph's bytes, resident beside the decoder
 
     @property
     def run(self) -> int:
@@ -116,7 +129,8 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return self.runtime + self.weights + self.prepacked + max(self.load_transient, self.run, self.vision_phase)
+        base = self.runtime + self.weights + self.prepacked + self.prefill_graph
+        return base + max(self.load_transient, self.run, self.vision_phase)
 
     @property
     def fits(self) -> bool:
@@ -133,6 +147,7 @@ class MemoryPlan:
         rows = [
             ("weights", self.weights, kept),
             ("prepacked", self.prepacked, "int4 weights repacked at load (MatMulNBits)"),
+            ("prefill graph", self.prefill_graph, "int8 decoder for prompts, beside the int4 one"),
             ("load transient", self.load_transient, "largest graph's protobuf, held while it loads"),
             ("KV cache", self.kv_cache, f"context {self.context:,} x batch {self.batch_size}, {self.kv_layout}"),
             (
@@ -149,6 +164,8 @@ class MemoryPlan:
             rows = [r for r in rows if r[0] != "table"]
         if self.vision == "keep":
             rows = [r for r in rows if r[0] != "vision phase"]
+        if self.prefill != "graph":
+            rows = [r for r in rows if r[0] != "prefill graph"]
         lines = [f"memory plan ({where}):"]
         lines += [f"  {name:<15}{format_bytes(value):>12}  {why}" for name, value, why in rows]
         verdict = "fits" if self.fits else "OVER BUDGET"
@@ -164,6 +181,8 @@ class MemoryPlan:
             hints.append(f"--context {self.largest_context}")
         if self.batch_size > 1:
             hints.append("a smaller --batch-size")
+        if self.prefill == "graph" and self.peak - self.prefill_graph <= self.budget:
+            hints.append("--prefill decoder (prompts through the int4 decoder, slower)")
         ratio = self.weights_int4 / max(self.weights, 1)
         int4_peak = (
             self.runtime
@@ -240,21 +259,38 @@ def plan_memory(
     search: bool = True,
     vision: str = "keep",
     embedding: str = "auto",
+    prefill: str = "auto",
 ) -> MemoryPlan:
     """Plan memory for running `manifest`'s export with a KV cache of `context` tokens for `batch_size` rows.
 
     vision "keep" | "release" | "auto" (keep if that fits `budget`, else release); embedding "auto" | "table" |
-    "graph" (see the module docstring).
+    "graph"; prefill "auto" | "graph" | "decoder" (see the module docstring). With an "auto", the first choice that
+    fits, in this order: prefill graph before vision kept; if none fits, the smallest (whose check() says why).
     """
     if vision not in VISION_MODES:
         raise RuntimeInputError(f"vision {vision!r}; choose one of {', '.join(VISION_MODES)}")
-    if vision == "auto":
-        kept = plan_memory(manifest, context, batch_size, budget, provider, False, "keep", embedding)
-        mode = "keep" if kept.fits else "release"
-        plan = (
-            kept if kept.fits else plan_memory(manifest, context, batch_size, budget, provider, False, mode, embedding)
+    if prefill not in PREFILL_MODES:
+        raise RuntimeInputError(f"prefill {prefill!r}; choose one of {', '.join(PREFILL_MODES)}")
+    has_graph = PREFILL_GRAPH in manifest.graphs
+    if prefill == "graph" and not has_graph:
+        raise RuntimeInputError(
+            f"{manifest.folder}: no prefill graph in this folder; export with --prefill-graph int8, or use "
+            "--prefill decoder"
         )
-        return replace(plan, largest_context=_largest_context(plan, manifest, "auto", embedding)) if search else plan
+    if prefill == "auto" and not has_graph:
+        prefill = "decoder"
+    if "auto" in (vision, prefill):
+        choices = [(v, p) for p in (("graph", "decoder") if prefill == "auto" else (prefill,))
+                   for v in (("keep", "release") if vision == "auto" else (vision,))]  # fmt: skip
+        for v, p in choices:
+            plan = plan_memory(manifest, context, batch_size, budget, provider, False, v, embedding, p)
+            if plan.fits:
+                break
+        return (
+            replace(plan, largest_context=_largest_context(plan, manifest, vision, embedding, prefill))
+            if search
+            else plan
+        )
     d = manifest.decoder
     context = d.context_length if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
@@ -270,6 +306,9 @@ def plan_memory(
     table = uses_table(manifest, embedding)
     table_file = manifest.raw["embedding_table"]["file"] if manifest.raw.get("embedding_table") else None
     sizes_all = dict(sizes)
+    prefill_bytes = graph_bytes(manifest, PREFILL_GRAPH, sizes) if has_graph else 0
+    for name in [n for n in sizes if has_graph and graph_bytes(manifest, PREFILL_GRAPH, {n: sizes[n]})]:
+        sizes.pop(name)  # counted apart (prefill_graph), and only when loaded
     if table_file is not None:  # the table file is never loaded whole; the embedding graph only without it
         sizes.pop(table_file, None)
     if table:
@@ -278,10 +317,14 @@ def plan_memory(
                 sizes.pop(name)
     vision_bytes = graph_bytes(manifest, "vision", sizes)
     loaded = [
-        g for g in manifest.graphs if not (g == "embedding" and table) and not (g == "vision" and vision == "release")
+        g
+        for g in manifest.graphs
+        if g != PREFILL_GRAPH and not (g == "embedding" and table) and not (g == "vision" and vision == "release")
     ]
     weights = sum(sizes.values()) - (vision_bytes if vision == "release" else 0)
     load_transient = max((sizes.get(manifest.graphs[g].file, 0) for g in loaded), default=0)
+    if prefill == "graph":
+        load_transient = max(load_transient, int(prefill_bytes * PREFILL_LOAD_FRACTION))
     buffers = 1 if d.attention == "gqa" else 2  # GQA: past and present share one buffer (runtime.kv_cache)
     kv_per_token = buffers * 2 * d.num_layers * d.num_heads * d.head_size * FLOAT_BYTES * batch_size
     vision_acts = _vision_activations(manifest, batch_size)
@@ -322,11 +365,17 @@ def plan_memory(
         embedding="table" if table else "graph",
         vision_phase=vision_phase,
         table=table_pages,
+        prefill=prefill,
+        prefill_graph=prefill_bytes if prefill == "graph" else 0,
     )
-    return replace(plan, largest_context=_largest_context(plan, manifest, vision, embedding)) if search else plan
+    return (
+        replace(plan, largest_context=_largest_context(plan, manifest, vision, embedding, prefill)) if search else plan
+    )
 
 
-def _largest_context(plan: MemoryPlan, manifest: Manifest, vision: str = "keep", embedding: str = "auto") -> int:
+def _largest_context(
+    plan: MemoryPlan, manifest: Manifest, vision: str = "keep", embedding: str = "auto", prefill: str = "auto"
+) -> int:
     """Binary search over contexts (multiples of 64, or 16 for small models) for the largest whose plan fits."""
     if plan.fits:
         return plan.context
@@ -334,6 +383,8 @@ def _largest_context(plan: MemoryPlan, manifest: Manifest, vision: str = "keep",
     low, high = 0, -(-plan.context // step)  # low fits (0 = nothing), high does not (high * step >= context)
     while high - low > 1:
         mid = (low + high) // 2
-        trial = plan_memory(manifest, mid * step, plan.batch_size, plan.budget, plan.provider, False, vision, embedding)
+        trial = plan_memory(
+            manifest, mid * step, plan.batch_size, plan.budget, plan.provider, False, vision, embedding, prefill
+        )
         low, high = (mid, high) if trial.fits else (low, mid)
     return low * step

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from core.image import load_image
-from runtime.budget import EMBEDDING_MODES, VISION_MODES, plan_memory
+from runtime.budget import EMBEDDING_MODES, PREFILL_MODES, VISION_MODES, plan_memory
 from runtime.errors import INPUT_ERRORS, RuntimeInputError
 from runtime.generate import GenerationResult
 from runtime.manifest import read_manifest
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--embedding", default="auto", choices=EMBEDDING_MODES,
                    help="table: gather from the folder's memory-mapped embedding table; graph: the embedding graph; "
                    "auto (default): the table when the folder has one")  # fmt: skip
+    r.add_argument("--prefill", default="auto", choices=PREFILL_MODES,
+                   help="graph: run prompts through the folder's int8 prefill graph (export --prefill-graph int8; "
+                   "faster prompts, its weights in memory too); decoder: through the decoder; auto (default): the "
+                   "graph when the folder has one and the plan fits the budget")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
     return p
 
@@ -179,7 +183,7 @@ def run_single(pipe: Any, args: argparse.Namespace, image: Any) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.model)
     plan = plan_memory(manifest, args.context, args.batch_size, args.memory_budget, args.provider,
-                       vision=args.vision, embedding=args.embedding)  # fmt: skip
+                       vision=args.vision, embedding=args.embedding, prefill=args.prefill)  # fmt: skip
     if args.json:
         print(json.dumps(plan.to_dict()))
     else:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = Pipeline.load(
             args.model, provider=args.provider, threads=args.threads, memory_budget=args.memory_budget,
             context=args.context, batch_size=args.batch_size, verify=not args.no_verify, vision=args.vision,
-            embedding=args.embedding, spin=not args.no_spin,
+            embedding=args.embedding, spin=not args.no_spin, prefill=args.prefill,
         )  # fmt: skip
         if args.chat:
             from runtime.cli_chat import run_chat

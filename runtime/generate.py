@@ -2,7 +2,8 @@
 
 Two phases, as in the PyTorch reference (`core.generation.generate`): prefill runs the embedding graph and the decoder
 over the whole (left-padded) prompt at once; then each decode step embeds the batch's chosen tokens and runs the
-decoder for one position against the KV cache. Positions count real tokens only and left padding is masked, so a batch
+decoder for one position against the KV cache. When the plan loads the folder's prefill graph (an int8 twin of an int4
+decoder, export.quantize), the prompt runs through it instead, against the same cache: same inputs, same outputs. Positions count real tokens only and left padding is masked, so a batch
 gives each row the tokens it would get alone. Decode steps write into buffers allocated once (`DecodeLoop.__init__`,
 `KVCache`); nothing grows per token.
 
@@ -19,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
 from core.boxes import parse_boxes, parse_grounded
 from core.prompts import cut_at_stop, holds_stop_prefix
@@ -180,10 +182,32 @@ class GenerationResult:
         }
 
 
+@dataclass
+class BoundDecoder:
+    """A decoder session, its IOBinding, and the float32 CPU buffers bound to it by pointer: a decode step binds the
+    same fixed buffers every time, so only a changed pointer or shape is bound again."""
+
+    session: ort.InferenceSession
+    binding: ort.IOBinding
+    pointers: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # name -> (pointer, shape)
+
+    @classmethod
+    def of(cls, session: ort.InferenceSession) -> BoundDecoder:
+        return cls(session, session.io_binding())
+
+    def bind_pointer(self, name: str, shape: list[int], pointer: int, output: bool = False) -> None:
+        if self.pointers.get(name) == (pointer, shape):
+            return
+        bind = self.binding.bind_output if output else self.binding.bind_input
+        bind(name, "cpu", 0, np.float32, shape, pointer)
+        self.pointers[name] = (pointer, shape)
+
+
 class DecodeLoop:
     """Runs the embedding and decoder graphs against one KVCache, with fixed buffers for every decode step.
 
-    Prefill runs the prompt `prefill_chunk` tokens at a time (see runtime.budget: the plan counts one chunk).
+    Prefill runs the prompt `prefill_chunk` tokens at a time (see runtime.budget: the plan counts one chunk), through
+    the prefill graph's session when there is one (`prompt`), else through the decoder's (`decode`).
     """
 
     def __init__(
@@ -205,8 +229,13 @@ class DecodeLoop:
         self.step_embeds = np.zeros((B, 1, d.hidden_size), dtype=np.float32)  # [B, 1, D]
         self.step_logits = np.zeros((B, 1, d.vocab_size), dtype=np.float32)  # [B, 1, V]
         self.embed_binding = sessions.embedding.io_binding() if table is None else None
-        self.decoder_binding = sessions.decoder.io_binding()
-        self._pointer_bound: dict[str, tuple[int, list[int]]] = {}  # name -> (pointer, shape) bound by _bind_pointer
+        self.decode = BoundDecoder.of(sessions.decoder)
+        self.prompt = BoundDecoder.of(sessions.decoder_prefill) if sessions.decoder_prefill else self.decode
+
+    @property
+    def decoder_binding(self) -> ort.IOBinding:
+        """The decoder's binding: after a generation, it holds the last decode step's outputs."""
+        return self.decode.binding
 
     def embed(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         """ids [rows, T] int64, features [rows, N, D] or None -> inputs_embeds [rows, T, D]."""
@@ -217,32 +246,25 @@ class DecodeLoop:
         (embeds,) = self.sessions.embedding.run(None, feeds)  # [rows, T, D]
         return embeds
 
-    def _run_decoder(self, embeds_ptr: int, embeds_shape: list[int], row_masks: np.ndarray, logits_out: bool) -> None:
-        cache, b = self.cache, self.decoder_binding
+    def _run_decoder(
+        self, run: BoundDecoder, embeds_ptr: int, embeds_shape: list[int], row_masks: np.ndarray, logits_out: bool
+    ) -> None:
+        cache, b = self.cache, run.binding
         new = row_masks.shape[1]
         mask = cache.extend_mask(row_masks)  # [rows, P+T]
         positions = cache.positions(row_masks)  # [rows, T]
-        self._bind_pointer("inputs_embeds", embeds_shape, embeds_ptr)
+        run.bind_pointer("inputs_embeds", embeds_shape, embeds_ptr)
         b.bind_cpu_input("attention_mask", mask)
         b.bind_cpu_input("position_ids", positions)
         if logits_out:
             logits = self.step_logits[: cache.rows]
-            self._bind_pointer("logits", list(logits.shape), logits.ctypes.data, output=True)
+            run.bind_pointer("logits", list(logits.shape), logits.ctypes.data, output=True)
         else:
             b.bind_output("logits", "cpu")  # prefill: [rows, T, V], allocated by onnxruntime for this run only
-            self._pointer_bound.pop("logits", None)
+            run.pointers.pop("logits", None)
         cache.bind(b, new)
-        self.sessions.decoder.run_with_iobinding(b)
+        run.session.run_with_iobinding(b)
         cache.advance(new)
-
-    def _bind_pointer(self, name: str, shape: list[int], pointer: int, output: bool = False) -> None:
-        """Bind a float32 CPU buffer by pointer, unless `name` is bound to that very buffer and shape already (a decode
-        step binds the same fixed buffers every time)."""
-        if self._pointer_bound.get(name) == (pointer, shape):
-            return
-        bind = self.decoder_binding.bind_output if output else self.decoder_binding.bind_input
-        bind(name, "cpu", 0, np.float32, shape, pointer)
-        self._pointer_bound[name] = (pointer, shape)
 
     def prefill(self, embeds: np.ndarray, row_masks: np.ndarray) -> np.ndarray:
         """embeds [rows, T, D] after the cache's P tokens; row_masks [rows, T] -> last logits [rows, V].
@@ -268,12 +290,13 @@ class DecodeLoop:
         last_only = self.spec.logits_positions == "last"
         for first in range(0, total, size):
             chunk = np.ascontiguousarray(embeds[:, first : first + size])  # [rows, C, D]
-            self._run_decoder(chunk.ctypes.data, list(chunk.shape), row_masks[:, first : first + size], last_only)
+            mask = row_masks[:, first : first + size]
+            self._run_decoder(self.prompt, chunk.ctypes.data, list(chunk.shape), mask, last_only)
             if last_only:
                 continue
             if first + size >= total:
-                last = self.decoder_binding.get_outputs()[0].numpy()[:, -1].copy()  # [rows, V]
-            self.decoder_binding.clear_binding_outputs()  # let the chunk's logits [rows, C, V] go now
+                last = self.prompt.binding.get_outputs()[0].numpy()[:, -1].copy()  # [rows, V]
+            self.prompt.binding.clear_binding_outputs()  # let the chunk's logits [rows, C, V] go now
             self.cache.forget_binding()  # its present outputs went with them
         return self.step_logits[: self.cache.rows, 0] if last_only else last  # [rows, V]
 
@@ -291,7 +314,8 @@ class DecodeLoop:
             e.bind_cpu_input("image_features", self.no_image[:rows])
             e.bind_output("inputs_embeds", "cpu", 0, np.float32, list(embeds.shape), embeds.ctypes.data)
             self.sessions.embedding.run_with_iobinding(e)
-        self._run_decoder(embeds.ctypes.data, list(embeds.shape), np.ones((rows, 1), dtype=np.int64), logits_out=True)
+        ones = np.ones((rows, 1), dtype=np.int64)
+        self._run_decoder(self.decode, embeds.ctypes.data, list(embeds.shape), ones, logits_out=True)
         return self.step_logits[:rows, 0]  # [rows, V]
 
 

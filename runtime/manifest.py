@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
 GRAPHS = ("vision", "embedding", "decoder")
+# graphs a folder may have: "decoder_prefill", the decoder at another precision (int8) with the decoder's inputs and
+# outputs, which the runtime runs prompts through (export.quantize, runtime.budget decides whether it is loaded)
+OPTIONAL_GRAPHS = ("decoder_prefill",)
 _CHUNK = 1 << 20
 # files that are not weights: everything the plan must not count as model memory
 _NOT_WEIGHTS = (".json", ".txt", ".md", ".model", ".png", ".jpg")
@@ -214,7 +217,7 @@ def parse_manifest(data: dict[str, Any], folder: Path) -> Manifest:
         )
     graphs_data = _get(data, "graphs", dict, where)
     graphs = {}
-    for name in GRAPHS:
+    for name in GRAPHS + tuple(n for n in OPTIONAL_GRAPHS if n in graphs_data):
         g = _get(graphs_data, name, dict, f"{where}: graphs")
         w = f"{where}: graphs.{name}"
         graphs[name] = GraphSpec(
@@ -223,6 +226,12 @@ def parse_manifest(data: dict[str, Any], folder: Path) -> Manifest:
             _get(g, "sha256", str, w),
             _tensors(_get(g, "inputs", list, w), f"{w}.inputs"),
             _tensors(_get(g, "outputs", list, w), f"{w}.outputs"),
+        )
+    twin = graphs.get("decoder_prefill")
+    if twin is not None and (twin.inputs, twin.outputs) != (graphs["decoder"].inputs, graphs["decoder"].outputs):
+        raise ManifestError(
+            f"{where}: graphs.decoder_prefill ({twin.file}) has other inputs or outputs than the decoder; it must be "
+            "the same graph at another precision (export the model again)"
         )
     dec = _get(data, "decoder", dict, where)
     w = f"{where}: decoder"

@@ -111,6 +111,7 @@ class Pipeline:
         vision: str = "auto",
         embedding: str = "auto",
         spin: bool = True,
+        prefill: str = "auto",
     ) -> Pipeline:
         """Plan, verify, load and warm up an export folder. Raises a RuntimeInputError subclass on bad input.
 
@@ -121,10 +122,15 @@ class Pipeline:
         the embedding graph; "table" or "graph" forces one.
         spin: onnxruntime's pool threads spin between ops (faster on a quiet machine); False lets them sleep, for a
         machine shared with other work (runtime.session).
+        prefill: "graph" runs prompts through the folder's prefill graph (an int8 twin of the int4 decoder, export
+        --prefill-graph int8: several times faster on a prompt, its weights resident beside the decoder's); "decoder"
+        runs them through the decoder; "auto" uses the graph when the folder has one and that plan fits the budget.
         """
         resolve_provider(provider)
         manifest = read_manifest(model_dir)
-        plan = plan_memory(manifest, context, batch_size, memory_budget, provider, vision=vision, embedding=embedding)
+        plan = plan_memory(
+            manifest, context, batch_size, memory_budget, provider, vision=vision, embedding=embedding, prefill=prefill
+        )
         plan.check()
         if (manifest.prompt.image_text, manifest.prompt.placeholder) != (IMAGE_TEXT, IMAGE_PLACEHOLDER):
             raise ManifestError(
@@ -144,11 +150,13 @@ class Pipeline:
         )
         table = EmbeddingTable.open(manifest) if plan.embedding == "table" else None
         graphs = tuple(g for g, skip in (("vision", plan.vision == "release"), ("embedding", table is not None),
-                                         ("decoder", False)) if not skip)  # fmt: skip
+                                         ("decoder", False), ("decoder_prefill", plan.prefill != "graph"))
+                       if not skip)  # fmt: skip
         sessions = Sessions.create(manifest, provider, threads, graphs, spin)
         cache = KVCache(manifest.decoder, plan.batch_size, plan.context, sessions.device_type)
         pipe = cls(manifest, plan, tokenizer, sessions, cache, table)
-        logger.info("vision %s, embedding %s; planned peak %.2f GiB", plan.vision, plan.embedding, plan.peak / 2**30)
+        logger.info("vision %s, embedding %s, prompts through the %s; planned peak %.2f GiB", plan.vision,
+                    plan.embedding, "prefill graph" if plan.prefill == "graph" else "decoder", plan.peak / 2**30)  # fmt: skip
         if warm_up:
             sessions.warm_up()
         return pipe

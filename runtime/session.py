@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for the three graphs of an export folder: provider, threads, I/O check, warm-up.
+"""ONNX Runtime sessions for the graphs of an export folder: provider, threads, I/O check, warm-up.
 
     sessions = Sessions.create(manifest, provider="cpu", threads=2)
     sessions.warm_up()            # one small run of each graph, so the first answer is not the slow one
@@ -12,7 +12,9 @@ spinning against 98.5 ms without (10 % faster). On a machine shared with other w
 the main thread and the other processes need (the demo step went from 3-4 ms to 6-8 ms on 2 busy cores): `spin=False`
 (CLI `--no-spin`) lets them sleep instead. Only the decoder's pool spins: the vision and embedding graphs run once per
 request, and their spinning pools (onnxruntime keeps spinning a while after a run) took the cores from the prefill that
-follows (demo time to first token 19-27 ms -> 38-50 ms with every pool spinning).
+follows (demo time to first token 19-27 ms -> 38-50 ms with every pool spinning). The prefill graph (export.quantize:
+an int8 decoder for prompts, when the plan loads it) runs once per request too, and its ops are milliseconds long: it
+does not spin either.
 After each graph loads, the C heap is trimmed (glibc's malloc_trim): loading parses the graph's protobuf and prepacks
 its weights, and the freed buffers would otherwise stay resident for the life of the process (measured on the real-size
 int4 Phi-2 decoder: 2.98 GB resident after loading a 1.70 GB file, 2.34 GB after the trim).
@@ -129,7 +131,8 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest, name: str) -> N
 @dataclass
 class Sessions:
     """The graphs' sessions. `vision` is None while released (vision "release"), `embedding` None when the runtime
-    embeds from the memory-mapped table (runtime.embedding); `load` and `release` (re)load and drop one graph."""
+    embeds from the memory-mapped table (runtime.embedding), `decoder_prefill` None unless the plan runs prompts
+    through the folder's prefill graph (runtime.budget); `load` and `release` (re)load and drop one graph."""
 
     vision: ort.InferenceSession | None
     embedding: ort.InferenceSession | None
@@ -140,6 +143,7 @@ class Sessions:
     spin: bool = True  # pool threads spin between ops (module docstring)
     load_seconds: float = 0.0
     trimmed_bytes: int = 0  # heap memory handed back to the system after loading (release_freed_memory)
+    decoder_prefill: ort.InferenceSession | None = None  # the decoder's twin for prompts (export.quantize), if loaded
 
     @property
     def device_type(self) -> str:
@@ -168,7 +172,7 @@ class Sessions:
         return sessions
 
     def load(self, name: str) -> float:
-        """Create the session of graph `name` (vision, embedding or decoder); returns the seconds it took."""
+        """Create the session of graph `name` (vision, embedding, decoder, decoder_prefill); returns the seconds."""
         start = time.perf_counter()
         path = self.manifest.path(self.manifest.graphs[name].file)
         try:
@@ -216,7 +220,9 @@ class Sessions:
         for layer in range(d.num_layers):
             feeds[d.past_key(layer)] = empty
             feeds[d.past_value(layer)] = empty
-        self.decoder.run(["logits"], feeds)
+        for decoder in (self.decoder, self.decoder_prefill):
+            if decoder is not None:
+                decoder.run(["logits"], feeds)
         seconds = time.perf_counter() - start
         logger.info("warm-up: %.3f s", seconds)
         return seconds

@@ -150,8 +150,8 @@ def test_gqa_decode_steps_bind_only_what_changes(gqa_dir):
     """The shared KV buffers and the fixed step buffers are bound once per generation; mask and positions each run."""
     pipe = Pipeline.load(gqa_dir, threads=1, batch_size=2)
     expected = pipe.generate(images(1)[0], QUESTIONS[0], max_new_tokens=12).tokens
-    binding = pipe.loop.decoder_binding = _CountingBinding(pipe.loop.decoder_binding)
-    pipe.loop._pointer_bound.clear()
+    binding = pipe.loop.decode.binding = _CountingBinding(pipe.loop.decode.binding)
+    pipe.loop.decode.pointers.clear()
     pipe.cache.forget_binding()
     for _ in range(2):  # the second generation starts a new cache: its buffers are bound again, once
         assert (

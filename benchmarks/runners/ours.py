@@ -43,6 +43,7 @@ class OursRunner:
             context=c.context,
             vision=c.options.get("vision", "auto"),
             embedding=c.options.get("embedding", "auto"),
+            prefill=c.options.get("prefill", "auto"),
         )
         m = self.pipe.manifest
         d = m.decoder
