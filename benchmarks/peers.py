@@ -89,7 +89,9 @@ def make_stock_phi(path: Path, layers: int, seed: int = 0) -> Path:
     return path
 
 
-def export_ours(phi: Path, out: Path, precision: str, quant: str, attention: str = "auto") -> None:
+def export_ours(
+    phi: Path, out: Path, precision: str, quant: str, attention: str = "auto", block_size: int = 32
+) -> None:
     """Our exporter on the stock weights: a TinyGPT-V with the demo's small vision part and Phi-2 as the LM."""
     from core.config import LanguageModelConfig, ModelConfig, PromptConfig
     from core.model import TinyGPTV
@@ -107,14 +109,15 @@ def export_ours(phi: Path, out: Path, precision: str, quant: str, attention: str
     symmetric = (precision, quant) == ("int4", "rtn")  # as the builder quantizes
     prefill = "int8" if precision == "int4" and attention == "gqa" else None  # the runtime chooses whether to use it
     options = ExportOptions(precision=precision, quant=quant, symmetric=symmetric, attention=attention,
-                            prefill_graph=prefill)  # fmt: skip
+                            prefill_graph=prefill, block_size=block_size)  # fmt: skip
     export_folder(out, options=options, tokenizer_dir=phi, model=model)
 
 
-def build_builder(phi: Path, out: Path, precision: str) -> None:
+def build_builder(phi: Path, out: Path, precision: str, block_size: int = 32) -> None:
     cache = out.parent / "builder_cache"
+    extra = ["--extra_options", f"block_size={block_size}"] if block_size != 32 else []  # 32: the builder's default
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(phi), "-o", str(out),
-                    "-p", precision, "-e", "cpu", "-c", str(cache)], check=True)  # fmt: skip
+                    "-p", precision, "-e", "cpu", "-c", str(cache), *extra], check=True)  # fmt: skip
     shutil.rmtree(cache, ignore_errors=True)
 
 
@@ -138,25 +141,30 @@ def _call(fn, *args) -> None:
     fn(*args)
 
 
-def prepare(models: Path, layers: int, precision: str, quant: str, wanted: set[str], rebuild: bool) -> dict:
+def prepare(
+    models: Path, layers: int, precision: str, quant: str, wanted: set[str], rebuild: bool, block_size: int = 32
+) -> dict:
     """Build (or reuse) every model; returns {name: path or None} and {name: why skipped}."""
     if rebuild:
         shutil.rmtree(models, ignore_errors=True)
     models.mkdir(parents=True, exist_ok=True)
     phi = models / f"phi2-l{layers}"
     twin = "-p8" if precision == "int4" else ""  # int4: with the int8 prefill graph
-    paths = {"phi": phi, "ours": models / f"ours-gqa-{precision}{twin}-l{layers}",  # int4 and fp32 export GQA by default
-             "ours-plain": models / f"ours-{precision}-l{layers}",
-             "builder": models / f"builder-{precision}-l{layers}", "gguf": models / f"phi2-l{layers}-q4_0.gguf"}  # fmt: skip
+    block = f"-b{block_size}" if block_size != 32 else ""
+    paths = {"phi": phi, "ours": models / f"ours-gqa-{precision}{twin}{block}-l{layers}",  # int4, fp32: GQA by default
+             "ours-plain": models / f"ours-{precision}{block}-l{layers}",
+             "builder": models / f"builder-{precision}{block}-l{layers}", "gguf": models / f"phi2-l{layers}-q4_0.gguf"}  # fmt: skip
     skips: dict[str, str] = {}
     if not (phi / "model.safetensors").is_file():
         logger.info("making random stock Phi-2 weights (%d layers) in %s", layers, phi)
         why = in_child(make_stock_phi, phi, layers)
         if why:
             raise RuntimeError(why)
-    steps = [("ours", export_ours, (phi, paths["ours"], precision, quant, "gqa"), {"ours", "ours-prefill8", "ours-genai"}),
-             ("ours-plain", export_ours, (phi, paths["ours-plain"], precision, quant, "plain"), set(PLAIN_RUNTIMES)),
-             ("builder", build_builder, (phi, paths["builder"], precision), {"builder"}),
+    steps = [("ours", export_ours, (phi, paths["ours"], precision, quant, "gqa", block_size),
+              {"ours", "ours-prefill8", "ours-genai"}),
+             ("ours-plain", export_ours, (phi, paths["ours-plain"], precision, quant, "plain", block_size),
+              set(PLAIN_RUNTIMES)),
+             ("builder", build_builder, (phi, paths["builder"], precision, block_size), {"builder"}),
              ("gguf", build_gguf, (phi, paths["gguf"]), {"llama-cpp"})]  # fmt: skip
     for name, fn, args, users in steps:
         done = paths[name].exists()
@@ -186,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--precision", default="int4", choices=("int4", "fp32"), help="ours and the builder's")
     p.add_argument("--quant", default="rtn", choices=("rtn", "hqq", "gptq"), help="our int4 method")
+    p.add_argument("--block-size", type=int, default=32, choices=(32, 64, 128),
+                   help="int4 block size, ours and the builder's alike (default 32, the builder's default)")  # fmt: skip
     p.add_argument("--threads", type=int_list, default=[2])
     p.add_argument("--prompt-tokens", type=int_list, default=[128])
     p.add_argument("--new-tokens", type=int, default=64)
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     try:
-        built = prepare(out / "models", args.layers, args.precision, args.quant, set(args.runtimes), args.rebuild)
+        built = prepare(out / "models", args.layers, args.precision, args.quant, set(args.runtimes), args.rebuild,
+                        args.block_size)  # fmt: skip
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -244,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     records = sweep(targets, args.threads, args.prompt_tokens, args.new_tokens, args.reps, args.warmup, make_ids,
                     None, out, passes=args.passes, timeout=args.timeout)  # fmt: skip
     preamble = (
-        f"Random-weight stock Phi-2 shapes, {args.layers} of 32 layers; synthetic prompt ids; greedy, exactly "
+        f"Random-weight stock Phi-2 shapes, {args.layers} of 32 layers, int4 block {args.block_size}; synthetic prompt "
+        "ids; greedy, exactly "
         f"{args.new_tokens} new tokens. Only ratios within this run mean anything on a shared machine."
     )
     report = write_report(records, out, "Peers: stock Phi-2 weights", preamble)

@@ -66,7 +66,8 @@ def save_model(proto: onnx.ModelProto, path: Path) -> None:
     """Save over `path`, with one external data file beside it from export.graphs.EXTERNAL_DATA_FROM bytes on."""
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
-    large = _has_external(proto) or proto.ByteSize() > graphs.EXTERNAL_DATA_FROM
+    # the initializers' bytes, not proto.ByteSize(), which protobuf refuses to compute past 2 GB (an int8 decoder)
+    large = _has_external(proto) or sum(len(t.raw_data) for t in proto.graph.initializer) > graphs.EXTERNAL_DATA_FROM
     onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)  # fmt: skip
 
