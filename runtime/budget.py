@@ -7,8 +7,10 @@
 Terms (bytes):
 - weights: the graph files and their external data as they lie on disk (ONNX Runtime holds them once in memory);
 - prepacked: onnxruntime repacks int4 MatMulNBits weights at load for its int8-activation kernel (accuracy level 4),
-  and the packed copy is bigger than the file's blocks: measured on the real-size int4 Phi-2 decoder, 2.34 GB resident
-  for a 1.70 GB file once the load buffers are trimmed (runtime.session), so 0.4 x an int4 decoder's bytes;
+  and the packed copy is bigger than the file's blocks, by about PREPACK_BYTES_PER_BLOCK bytes per block of weights:
+  measured on real-size int4 Phi-2 decoders once the load buffers are trimmed (runtime.session), 2,226 MiB resident
+  for a 1,583 MiB file at block 32 (8.1 bytes a block) and 1,516 MiB for 1,346 MiB at block 128 (8.6), so 0.42 x an
+  int4 decoder's bytes at block 32 and 0.12 x at block 128 (`prepack_fraction`, from the manifest's block size);
 - load transient: while a graph loads, ONNX Runtime holds its protobuf and the initializers made from it at once,
   so the largest graph file counts a second time until loading ends; a graph with external data (`<file>.data`,
   written for graphs over 64 MiB since 2026-12-02, export.graphs.EXTERNAL_DATA_FROM) counts only its protobuf file:
@@ -65,7 +67,7 @@ RUNTIME_OVERHEAD = {"cpu": 96 << 20, "cuda": 1536 << 20}
 # large enough that a chunk's MatMuls still run at full speed (llama.cpp's micro-batch is 512).
 PREFILL_CHUNK = 256
 ARENA_FRACTION = 0.5  # arena overhead as a fraction of activations (power-of-two chunk growth, at most 2x)
-PREPACK_FRACTION = 0.4  # int4 decoder: resident bytes after load / file bytes - 1, measured 0.376 at real size
+PREPACK_BYTES_PER_BLOCK = 8.4  # int4 decoder: resident bytes beyond the file per block of weights (docstring)
 VISION_MODES = ("auto", "keep", "release")
 PREFILL_MODES = ("auto", "graph", "decoder")
 PREFILL_GRAPH = "decoder_prefill"  # runtime.manifest.OPTIONAL_GRAPHS
@@ -73,6 +75,12 @@ PREFILL_LOAD_FRACTION = 0.2  # the int8 prefill graph's load peak beyond its byt
 EMBEDDING_MODES = ("auto", "table", "graph")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def prepack_fraction(block_size: int) -> float:
+    """Resident bytes beyond the file per byte of an int4 decoder: PREPACK_BYTES_PER_BLOCK per block, over the file's
+    0.5 + 4 / block_size bytes per weight (4 bits and a float scale per block)."""
+    return PREPACK_BYTES_PER_BLOCK / block_size / (0.5 + 4 / block_size)
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -359,7 +367,7 @@ def plan_memory(
         runtime=RUNTIME_OVERHEAD.get(provider, RUNTIME_OVERHEAD["cpu"]),
         kv_bytes_per_token=kv_per_token,
         weights_int4=weights_int4,
-        prepacked=int(decoder_bytes * PREPACK_FRACTION) if already_int4 else 0,
+        prepacked=int(decoder_bytes * prepack_fraction(int(dec_q.get("block_size") or 32))) if already_int4 else 0,
         kv_layout="one shared buffer" if buffers == 1 else "two swapped buffers",
         vision=vision,
         embedding="table" if table else "graph",

@@ -16,7 +16,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from core.tokenizer import TextTokenizer
-from runtime.budget import PREFILL_CHUNK, _decoder_activations, format_bytes, parse_bytes, plan_memory
+from runtime.budget import PREFILL_CHUNK, _decoder_activations, format_bytes, parse_bytes, plan_memory, prepack_fraction
 from runtime.errors import BudgetError, ManifestError, RuntimeInputError
 from runtime.generate import TextStream
 from runtime.manifest import read_manifest
@@ -284,8 +284,9 @@ def test_int4_is_suggested_when_only_smaller_weights_would_fit(tmp_path):
         plan.check()
     manifest["quantization"] = {"precision": "int4", "decoder": {"bits": 4}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    int4 = plan_memory(read_manifest(folder), budget="512MB")  # an int4 decoder is repacked at load: 0.4 x its bytes
-    assert plan.prepacked == 0 and int4.prepacked == int(0.4 * (400 << 20))
+    int4 = plan_memory(read_manifest(folder), budget="512MB")  # an int4 decoder is repacked at load: 0.42 x its bytes
+    assert plan.prepacked == 0 and int4.prepacked == int(prepack_fraction(32) * (400 << 20))
+    assert round(prepack_fraction(32), 2) == 0.42 and round(prepack_fraction(128), 3) == 0.124
     assert int4.peak == int4.runtime + int4.weights + int4.prepacked + max(int4.load_transient, int4.run)
     with pytest.raises(BudgetError, match="nothing smaller fits, raise --memory-budget"):
         plan_memory(read_manifest(folder), budget="512MB").check()
@@ -305,7 +306,10 @@ def test_graphs_with_external_data_load_once_and_prepack_all_their_bytes(tmp_pat
     split = plan_memory(read_manifest(folder))
     assert single.load_transient == 3000 and split.load_transient == 3000  # the protobuf only, in both layouts
     assert split.weights == single.weights + (300 << 20)
-    assert split.prepacked == int(0.4 * (3000 + (300 << 20)))
+    assert split.prepacked == int(prepack_fraction(32) * (3000 + (300 << 20)))
+    manifest["quantization"]["decoder"]["block_size"] = 128  # fewer blocks, less repacked: 8.4 bytes a block
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert plan_memory(read_manifest(folder)).prepacked == int(prepack_fraction(128) * (3000 + (300 << 20)))
 
 
 # ---------------------------------------------------------------- memory handed back after loading
