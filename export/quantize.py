@@ -115,6 +115,19 @@ def _tensor(t: onnx.TensorProto, base: Path) -> np.ndarray:
     )
 
 
+def save_rewritten(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], path: Path) -> None:
+    """Save `proto` with `nodes` as its graph over `path`, whose external data its untouched initializers still point
+    to: those (the fp32 norms and biases) come into memory first, then the file is replaced."""
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(np.array(_tensor(t, path.parent)), t.name))
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    save_model(proto, path)
+
+
 def to_int4_rtn(
     path: Path, block_size: int, accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False
 ) -> dict[str, Any]:
@@ -158,14 +171,7 @@ def to_int4_rtn(
             "MatMulNBits", [node.input[0], *(t.name for t in new)], list(node.output), name=node.name + "_Q4",
             domain="com.microsoft", K=K, N=N, bits=4, block_size=block_size, accuracy_level=accuracy_level))  # fmt: skip
         count += 1
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    for t in proto.graph.initializer:  # the fp32 rest (norms, biases) comes into memory before the old file goes
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            t.CopyFrom(numpy_helper.from_array(np.array(_tensor(t, base)), t.name))
-    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    save_model(proto, path)
+    save_rewritten(proto, nodes, path)
     return {"matmulnbits": count, "matmul_left_fp32": []}
 
 
@@ -298,14 +304,7 @@ def to_int8_matmuls(path: Path) -> int:
         nodes.append(onnx.helper.make_node("DynamicQuantizeMatMul", inputs, [output], name=node.name + "_Q8",
                                            domain="com.microsoft"))  # fmt: skip
         count += 1
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    for t in proto.graph.initializer:  # the fp32 rest (norms, biases) comes into memory before the old file goes
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            t.CopyFrom(numpy_helper.from_array(np.array(_tensor(t, base)), t.name))
-    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    save_model(proto, path)
+    save_rewritten(proto, nodes, path)
     return count
 
 
