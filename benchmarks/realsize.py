@@ -9,6 +9,8 @@
         --out /work/big/tinygptv-int4-rtn-v8-448
     python -m benchmarks.realsize --model /work/big/tinygptv-int4-rtn-v8 --model /work/big/tinygptv-int4-rtn-v8-448 \\
         --out reports/realsize --context 2048 --new-tokens 64 --budget 8GB --goal 4GB
+    # with the int8 prefill graph (export.onnx --prefill-graph int8; at 448 px it takes --graphs-from as above):
+    python -m benchmarks.realsize --model DIR --out reports/realsize-p8 --vision release --prefill graph   # or decoder
 
 Per folder, one configuration of benchmarks.sweep (a fresh `benchmarks.worker` process: load, `--warmup` requests,
 `--reps` measured ones): the committed image and question, lengthened with the committed filler to exactly

@@ -17,7 +17,8 @@
 --vision-precision  fp32 | fp16 | int8 for the vision graph when --precision is int4 (default fp32).
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
 --prefill-graph int8  with --precision int4: also write decoder_prefill.onnx, the decoder at int8, which the runtime
-              runs prompts through (onnxruntime's int8 GEMM: ~4x faster than MatMulNBits on a 128-token prompt) while
+              runs prompts through (onnxruntime's int8 GEMM: ~4x faster than MatMulNBits on a 128-token prompt on an
+              AVX-512/AMX CPU; an earlier AVX2 box measured ~18 %) while
               decode steps stay on the int4 graph, against the same KV cache. Costs the int8 weights on disk and, when
               the runtime uses it (runtime.budget decides under the memory budget), in memory. See export/quantize.py.
 --calib-data  GPTQ's calibration examples, --eval-data the held-out examples of the manifest's quality row: JSON lines
