@@ -18,9 +18,9 @@
 --gptq-checkpoint   with --precision int4: pack the integers of a `python -m export.gptq` folder into MatMulNBits.
 --prefill-graph int8  with --precision int4: also write decoder_prefill.onnx, the decoder at int8, which the runtime
               runs prompts through (onnxruntime's int8 GEMM: ~4x faster than MatMulNBits on a 128-token prompt on an
-              AVX-512/AMX CPU; an earlier AVX2 box measured ~18 %) while
-              decode steps stay on the int4 graph, against the same KV cache. Costs the int8 weights on disk and, when
-              the runtime uses it (runtime.budget decides under the memory budget), in memory. See export/quantize.py.
+              AVX-512/AMX CPU; an earlier AVX2 box measured ~18 %) while decode steps stay on the int4 graph, against
+              the same KV cache. Costs the int8 weights on disk and, when the runtime uses it (runtime.budget decides
+              under the memory budget), in memory. See export/quantize.py.
 --calib-data  GPTQ's calibration examples, --eval-data the held-out examples of the manifest's quality row: JSON lines
               of image + prompt + expected answer (export/calibration.py; the demo writes them from the synthetic world).
 --image-size  with --random-init: the size the vision graph runs at (default: the preset's, 224 for tinygptv). The
