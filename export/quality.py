@@ -13,7 +13,8 @@ requests; the demo's is the synthetic world's "test" split, never seen in traini
 with its own vision, embedding and decoder graphs, on the first n examples:
   - max_logit_diff: largest |logit - PyTorch fp32 logit| over the teacher-forced sequences;
   - answer_perplexity: exp(mean NLL of the answer tokens and their EOS), teacher-forced;
-  - accuracy: greedy answers (stage-4 template, EOS stop) of every example but captions, scored by
+  - accuracy: greedy answers (stage-4 template, EOS stop; the prompt through the folder's prefill graph when it has
+    one, the steps through the decoder, as the runtime runs them) of every example but captions, scored by
     core.metrics.answer_matches (VQA exact match after the official normalisation; a box by IoU >= 0.5), as
     training.eval scores the PyTorch model; accuracy_by_task splits it by the examples' "task";
   - greedy_equal_pytorch: share of those prompts whose greedy tokens equal the PyTorch fp32 model's.
@@ -37,6 +38,7 @@ from core.phi import position_ids_from_mask
 from core.tokenizer import TextTokenizer
 from export.calibration import check_data, decoder_feed, encode_examples, read_examples
 from export.folder import CliParser, folder_size
+from export.manifest import OPTIONAL_GRAPH_FILES
 from export.validate import open_session
 
 logger = logging.getLogger("export.quality")
@@ -53,6 +55,10 @@ class FolderModel:
         self.vision = open_session(folder / "vision.onnx")
         self.embedding = open_session(folder / "embedding.onnx")
         self.decoder = open_session(folder / "decoder.onnx")
+        prefill = (
+            folder / OPTIONAL_GRAPH_FILES["decoder_prefill"]
+        )  # the runtime's prompts go through it (export.quantize)
+        self.prompt_decoder = open_session(prefill) if prefill.is_file() else self.decoder
 
     def embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
         (features,) = self.vision.run(None, {"pixel_values": pixel_values})  # [1, N, D]
@@ -83,8 +89,10 @@ class FolderModel:
         feed = decoder_feed(embeds, self.cfg)
         names = [i.name for i in self.decoder.get_inputs()]
         tokens: list[int] = []
+        decoder = self.prompt_decoder
         for _ in range(max_new_tokens):
-            logits, *present = self.decoder.run(None, feed)
+            logits, *present = decoder.run(None, feed)
+            decoder = self.decoder
             step = logits[0, -1].copy()
             step[self.cfg.prompt.image_token_id] = -np.inf  # an image id never stands for text
             token = int(step.argmax())
@@ -160,6 +168,9 @@ def measure_folder(
         "accuracy": sum(scored) / max(len(scored), 1),
         "accuracy_by_task": {task: sum(hits) / len(hits) for task, hits in sorted(by_task.items())},
         "greedy_equal_pytorch": equal / max(len(scored), 1),
+        "prompts_through": "decoder_prefill.onnx"
+        if onnx_model.prompt_decoder is not onnx_model.decoder
+        else "decoder.onnx",
         "samples": {"sequences": len(sequences), "answer_tokens": count, "scored": len(scored), "data": str(data)},
         "seconds": round(time.monotonic() - start, 1),
     }

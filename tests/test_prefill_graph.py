@@ -26,9 +26,10 @@ QUESTION = "[vqa] What color is the circle?"
 
 
 @pytest.fixture(scope="module")
-def prefill_dir(tiny_model_dir, tiny_export_dir, tmp_path_factory):
+def prefill_dir(tiny_model_dir, tiny_export_dir, tiny_eval_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("prefill") / "int4-p8"
-    options = ExportOptions(precision="int4", quant="rtn", prefill_graph="int8")
+    options = ExportOptions(precision="int4", quant="rtn", prefill_graph="int8", eval_data=str(tiny_eval_data),
+                            quality_samples=4)  # fmt: skip
     export_folder(out, tiny_model_dir, options, graphs_from=tiny_export_dir)
     return out
 
@@ -54,6 +55,8 @@ def test_the_prefill_graph_is_the_decoder_at_int8_with_its_signature(prefill_dir
     assert validation["passed"] and "decoder_prefill.onnx ran each prefill" in validation["prefill_graph"]
     logits = validation["real"]["outputs"]["logits"]
     assert 1e-5 < logits["max_abs_diff"] < 0.5 * logits["max_abs_ref"]  # quantized, yet close to fp32
+    quality = manifest["quality"]  # greedy answers as the runtime makes them: the prompt through the prefill graph
+    assert quality["prompts_through"] == "decoder_prefill.onnx" and quality["samples"]["sequences"] == 4
 
 
 def test_a_prefill_graph_needs_an_int4_decoder(tiny_model_dir, tmp_path, capsys):
