@@ -153,7 +153,8 @@ def prepare(
     block = f"-b{block_size}" if block_size != 32 else ""
     paths = {"phi": phi, "ours": models / f"ours-gqa-{precision}{twin}{block}-l{layers}",  # int4, fp32: GQA by default
              "ours-plain": models / f"ours-{precision}{block}-l{layers}",
-             "builder": models / f"builder-{precision}{block}-l{layers}", "gguf": models / f"phi2-l{layers}-q4_0.gguf"}  # fmt: skip
+             "builder": models / f"builder-{precision}{block}-l{layers}",
+             "gguf": models / f"phi2-l{layers}-q4_0.gguf"}  # fmt: skip
     skips: dict[str, str] = {}
     if not (phi / "model.safetensors").is_file():
         logger.info("making random stock Phi-2 weights (%d layers) in %s", layers, phi)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                        skip=skips.get("ours")),
         "ours-prefill8": Target("ours", str(paths["ours"]), f"ours {p} + int8 prefill", p, context=2048,
                                 options={"prefill": "graph"},
-                                skip=skips.get("ours") or (None if p == "int4" else "an int8 prefill graph is for int4")),
+                                skip=skips.get("ours") or (None if p == "int4" else "a prefill graph is for int4")),
         "ours-genai": Target("ort-genai", str(paths["ours"]), f"ours {p} via ort-genai", p, context=2048,
                              skip=skips.get("ours")),
         "ours-plain": Target("ours", str(paths["ours-plain"]), f"ours plain {p}", p, context=2048,

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         precision = (manifest.get("quantization") or {}).get("precision", "fp32")
         label = f"ours {precision} {manifest['image']['size']}px"
         target = Target("ours", folder, label, precision, image=True, context=args.context,
-                        options={"vision": args.vision, "embedding": args.embedding, "prefill": args.prefill})  # fmt: skip
+                        options={"vision": args.vision, "embedding": args.embedding,
+                                 "prefill": args.prefill})  # fmt: skip
         records += sweep([target], [args.threads], [prompt_tokens], args.new_tokens, args.reps, args.warmup,
                          lambda n, f=folder: ids[f], str(request.image), out / "runs" / Path(folder).name,
                          memory_budget=args.plan_budget or args.budget, run_context=args.context,

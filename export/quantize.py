@@ -258,8 +258,10 @@ def int8_prefill_graph(decoder: Path, out: Path) -> dict[str, Any]:
     proto = _load(out)
     fused = fuse_fast_gelu(proto)  # as in the int4 decoder (export.fuse)
     save_model(proto, out)
-    return {"fast_gelu": fused, "file": out.name, "method": "int8 weights (symmetric, a scale per output column), activations quantized "
-            "per run (DynamicQuantizeMatMul)", "bits": 8, "matmuls": count, "used_for": "prompts"}  # fmt: skip
+    method = (
+        "int8 weights (symmetric, a scale per output column), activations quantized per run (DynamicQuantizeMatMul)"
+    )
+    return {"fast_gelu": fused, "file": out.name, "method": method, "bits": 8, "matmuls": count, "used_for": "prompts"}
 
 
 def to_int8_matmuls(path: Path) -> int:

@@ -3,9 +3,9 @@
 Two phases, as in the PyTorch reference (`core.generation.generate`): prefill runs the embedding graph and the decoder
 over the whole (left-padded) prompt at once; then each decode step embeds the batch's chosen tokens and runs the
 decoder for one position against the KV cache. When the plan loads the folder's prefill graph (an int8 twin of an int4
-decoder, export.quantize), the prompt runs through it instead, against the same cache: same inputs, same outputs. Positions count real tokens only and left padding is masked, so a batch
-gives each row the tokens it would get alone. Decode steps write into buffers allocated once (`DecodeLoop.__init__`,
-`KVCache`); nothing grows per token.
+decoder, export.quantize), the prompt runs through it instead, against the same cache: same inputs, same outputs.
+Positions count real tokens only and left padding is masked, so a batch gives each row the tokens it would get alone.
+Decode steps write into buffers allocated once (`DecodeLoop.__init__`, `KVCache`); nothing grows per token.
 
 `TextStream` turns token ids into printable text: byte-level tokens can split one UTF-8 character across two tokens,
 so text is only released once it decodes without a trailing replacement character, and text that could be the start of

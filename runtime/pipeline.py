@@ -155,8 +155,9 @@ class Pipeline:
         sessions = Sessions.create(manifest, provider, threads, graphs, spin)
         cache = KVCache(manifest.decoder, plan.batch_size, plan.context, sessions.device_type)
         pipe = cls(manifest, plan, tokenizer, sessions, cache, table)
+        prompts = "prefill graph" if plan.prefill == "graph" else "decoder"
         logger.info("vision %s, embedding %s, prompts through the %s; planned peak %.2f GiB", plan.vision,
-                    plan.embedding, "prefill graph" if plan.prefill == "graph" else "decoder", plan.peak / 2**30)  # fmt: skip
+                    plan.embedding, prompts, plan.peak / 2**30)  # fmt: skip
         if warm_up:
             sessions.warm_up()
         return pipe
