@@ -31,7 +31,9 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "tinygptv-export"
 GRAPH_FILES = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
 # optional: the decoder again at another precision, for prompts only (export.prefill_graph); same inputs and outputs
-OPTIONAL_GRAPH_FILES = {"decoder_prefill": "decoder_prefill.onnx"}
+PREFILL_GRAPH = "decoder_prefill"
+OPTIONAL_GRAPH_FILES = {PREFILL_GRAPH: "decoder_prefill.onnx"}
+PREFILL_FILE = OPTIONAL_GRAPH_FILES[PREFILL_GRAPH]
 KV_TEMPLATES = {
     "past_key": "past_key_values.%d.key",
     "past_value": "past_key_values.%d.value",

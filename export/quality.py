@@ -38,7 +38,7 @@ from core.phi import position_ids_from_mask
 from core.tokenizer import TextTokenizer
 from export.calibration import check_data, decoder_feed, encode_examples, read_examples
 from export.folder import CliParser, folder_size
-from export.manifest import OPTIONAL_GRAPH_FILES
+from export.manifest import PREFILL_FILE
 from export.validate import open_session
 
 logger = logging.getLogger("export.quality")
@@ -55,9 +55,7 @@ class FolderModel:
         self.vision = open_session(folder / "vision.onnx")
         self.embedding = open_session(folder / "embedding.onnx")
         self.decoder = open_session(folder / "decoder.onnx")
-        prefill = (
-            folder / OPTIONAL_GRAPH_FILES["decoder_prefill"]
-        )  # the runtime's prompts go through it (export.quantize)
+        prefill = folder / PREFILL_FILE  # the runtime's prompts go through it (export.quantize)
         self.prompt_decoder = open_session(prefill) if prefill.is_file() else self.decoder
 
     def embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:

@@ -53,12 +53,11 @@ from export import graphs
 from export.fuse import fuse_fast_gelu, fuse_shared_input_matmuls
 from export.graphs import TWO_GB, quiet_loggers
 from export.last_logits import set_logits_positions
-from export.manifest import OPTIONAL_GRAPH_FILES
+from export.manifest import PREFILL_FILE
 
 logger = logging.getLogger(__name__)
 
 INT4_ACCURACY_LEVEL = 4
-PREFILL_FILE = OPTIONAL_GRAPH_FILES["decoder_prefill"]
 QUANTIZER_LOGGERS = ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")
 
 
@@ -115,11 +114,12 @@ def _tensor(t: onnx.TensorProto, base: Path) -> np.ndarray:
     )
 
 
-def save_rewritten(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], path: Path) -> None:
-    """Save `proto` with `nodes` as its graph over `path`, whose external data its untouched initializers still point
-    to: those (the fp32 norms and biases) come into memory first, then the file is replaced."""
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
+def save_rewritten(proto: onnx.ModelProto, nodes: list[onnx.NodeProto] | None, path: Path) -> None:
+    """Save `proto` (with `nodes` as its graph, unless None) over `path`, whose external data its untouched
+    initializers still point to: those (the fp32 norms and biases) come into memory first, then the file is replaced."""
+    if nodes is not None:
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
     for t in proto.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             t.CopyFrom(numpy_helper.from_array(np.array(_tensor(t, path.parent)), t.name))
@@ -254,22 +254,21 @@ def int8_prefill_graph(decoder: Path, out: Path) -> dict[str, Any]:
     """Write `out`, the fp32 `decoder` with int8 MatMuls (see the module docstring)."""
     shutil.copy(decoder, out)  # its external data, if any, is still read from the decoder's data file
     set_logits_positions(out, "last")  # a prompt needs its last position's logits only (gptq-ort's decoder has all)
-    count = to_int8_matmuls(out)  # writes out's own data file
-    proto = _load(out)
-    fused = fuse_fast_gelu(proto)  # as in the int4 decoder (export.fuse)
-    save_model(proto, out)
+    count, fused = to_int8_matmuls(out)  # writes out's own data file
     method = (
         "int8 weights (symmetric, a scale per output column), activations quantized per run (DynamicQuantizeMatMul)"
     )
     return {"fast_gelu": fused, "file": out.name, "method": method, "bits": 8, "matmuls": count, "used_for": "prompts"}
 
 
-def to_int8_matmuls(path: Path) -> int:
+def to_int8_matmuls(path: Path) -> tuple[int, int]:
     """Every MatMul of `path` with a constant 2-D fp32 weight becomes onnxruntime's DynamicQuantizeMatMul: int8
     weights with a symmetric scale per output column, the activations quantized to uint8 at each run (what
     quantize_dynamic's per-channel int8 becomes once onnxruntime fuses it), and the bias Add that follows it, if any,
     folded in. Streams from external data like to_int4_rtn: one fp32 weight in memory at a time, where quantize_dynamic
-    holds the whole fp32 model and more (killed at 24 GB on the real-size decoder). Returns how many MatMuls it rewrote.
+    holds the whole fp32 model and more (killed at 24 GB on the real-size decoder). The traced tanh-GELU becomes
+    FastGelu in the same pass, before the one save (export.fuse, as in the int4 decoder). Returns how many MatMuls
+    it rewrote and how many FastGelu it made.
     """
     proto = onnx.load(str(path), load_external_data=False)
     base = path.parent
@@ -278,6 +277,7 @@ def to_int8_matmuls(path: Path) -> int:
     for node in proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in proto.graph.output}
     nodes, count, folded = [], 0, set()
     for node in proto.graph.node:
         if id(node) in folded:
@@ -288,7 +288,7 @@ def to_int8_matmuls(path: Path) -> int:
             continue
         bias, output = "", node.output[0]
         users = consumers.get(output, [])
-        if len(users) == 1 and users[0].op_type == "Add" and output not in {o.name for o in proto.graph.output}:
+        if len(users) == 1 and users[0].op_type == "Add" and output not in graph_outputs:
             other = [i for i in users[0].input if i != output]
             b = inits.get(other[0]) if len(other) == 1 else None
             if b is not None and list(b.dims) == [weight.dims[1]] and b.data_type == onnx.TensorProto.FLOAT:
@@ -306,8 +306,11 @@ def to_int8_matmuls(path: Path) -> int:
         nodes.append(onnx.helper.make_node("DynamicQuantizeMatMul", inputs, [output], name=node.name + "_Q8",
                                            domain="com.microsoft"))  # fmt: skip
         count += 1
-    save_rewritten(proto, nodes, path)
-    return count
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    fused = fuse_fast_gelu(proto)  # nodes and the small inline constants only: the weights need not be loaded
+    save_rewritten(proto, None, path)
+    return count, fused
 
 
 def int4_decoder(path: Path, model: TinyGPTV, tokenizer: TextTokenizer | None, options) -> dict[str, Any]:

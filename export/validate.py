@@ -38,15 +38,14 @@ from core.phi import position_ids_from_mask
 from core.prompts import build_prompt
 from core.tokenizer import TextTokenizer
 from export.graphs import GraphSpec, graph_specs
-from export.manifest import OPTIONAL_GRAPH_FILES
+from export.manifest import PREFILL_FILE
+from export.manifest import PREFILL_GRAPH as PREFILL
 
 logger = logging.getLogger(__name__)
 
 FP32_ATOL = 1e-4
 FP32_RTOL = 1e-3
 DECODE_STEPS = 3
-PREFILL = "decoder_prefill"
-PREFILL_FILE = OPTIONAL_GRAPH_FILES[PREFILL]
 
 
 def open_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:

@@ -57,7 +57,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 from runtime.errors import BudgetError, RuntimeInputError
-from runtime.manifest import Manifest
+from runtime.manifest import PREFILL_GRAPH, Manifest
 
 FLOAT_BYTES = 4  # the KV cache and activations are float32 in every export this kit writes
 # Measured: python + numpy + onnxruntime + tokenizers + Pillow + three sessions and their thread pools
@@ -70,7 +70,6 @@ ARENA_FRACTION = 0.5  # arena overhead as a fraction of activations (power-of-tw
 PREPACK_BYTES_PER_BLOCK = 8.4  # int4 decoder: resident bytes beyond the file per block of weights (docstring)
 VISION_MODES = ("auto", "keep", "release")
 PREFILL_MODES = ("auto", "graph", "decoder")
-PREFILL_GRAPH = "decoder_prefill"  # runtime.manifest.OPTIONAL_GRAPHS
 PREFILL_LOAD_FRACTION = 0.2  # the int8 prefill graph's load peak beyond its bytes; measured 0.17 at 8 Phi-2 layers
 EMBEDDING_MODES = ("auto", "table", "graph")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

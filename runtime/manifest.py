@@ -29,7 +29,8 @@ SCHEMA_VERSION = 1
 GRAPHS = ("vision", "embedding", "decoder")
 # graphs a folder may have: "decoder_prefill", the decoder at another precision (int8) with the decoder's inputs and
 # outputs, which the runtime runs prompts through (export.quantize, runtime.budget decides whether it is loaded)
-OPTIONAL_GRAPHS = ("decoder_prefill",)
+PREFILL_GRAPH = "decoder_prefill"
+OPTIONAL_GRAPHS = (PREFILL_GRAPH,)
 _CHUNK = 1 << 20
 # files that are not weights: everything the plan must not count as model memory
 _NOT_WEIGHTS = (".json", ".txt", ".md", ".model", ".png", ".jpg")
@@ -227,7 +228,7 @@ def parse_manifest(data: dict[str, Any], folder: Path) -> Manifest:
             _tensors(_get(g, "inputs", list, w), f"{w}.inputs"),
             _tensors(_get(g, "outputs", list, w), f"{w}.outputs"),
         )
-    twin = graphs.get("decoder_prefill")
+    twin = graphs.get(PREFILL_GRAPH)
     if twin is not None and (twin.inputs, twin.outputs) != (graphs["decoder"].inputs, graphs["decoder"].outputs):
         raise ManifestError(
             f"{where}: graphs.decoder_prefill ({twin.file}) has other inputs or outputs than the decoder; it must be "

@@ -49,7 +49,7 @@ from runtime.generate import (
     run_tokens,
 )
 from runtime.kv_cache import KVCache
-from runtime.manifest import Manifest, read_manifest
+from runtime.manifest import PREFILL_GRAPH, Manifest, read_manifest
 from runtime.sampling import Sampler, SamplingParams
 from runtime.session import Sessions, release_pages, resolve_provider
 
@@ -150,7 +150,7 @@ class Pipeline:
         )
         table = EmbeddingTable.open(manifest) if plan.embedding == "table" else None
         graphs = tuple(g for g, skip in (("vision", plan.vision == "release"), ("embedding", table is not None),
-                                         ("decoder", False), ("decoder_prefill", plan.prefill != "graph"))
+                                         ("decoder", False), (PREFILL_GRAPH, plan.prefill != "graph"))
                        if not skip)  # fmt: skip
         sessions = Sessions.create(manifest, provider, threads, graphs, spin)
         cache = KVCache(manifest.decoder, plan.batch_size, plan.context, sessions.device_type)
